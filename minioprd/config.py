@@ -1,0 +1,342 @@
+"""Typed run configuration: nested dataclasses, a help string on every field, validation that reports
+every problem at once.
+
+A recipe is a YAML file with the same sections (`model`, `lora`, `data`, `rollout`, `loss`, `train`);
+command-line flags and `section.key=value` overrides are applied on top, in that order:
+
+    cfg = load_config("recipes/tiny-cpu.yaml", {"train.steps": 5, "loss.kind": "cosine"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minioprd.errors import ConfigError
+
+LAYER_SETS = ("all", "last", "even", "odd")
+POSITION_SETS = ("all", "last", "last_k", "first_k")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (shown by `--dry-run` comments and the docs)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """> Which models, and how they are loaded."""
+
+    teacher: str = _f("builtin:tiny-teacher", "Teacher: local directory, hub id, or a known short name "
+                      "such as Qwen2.5-7B (resolved to Qwen/Qwen2.5-7B). `builtin:tiny-teacher` is an offline toy.")
+    student: str = _f("builtin:tiny-student", "Student: local directory, hub id or known short name; "
+                      "its tokenizer drives rollouts and the teacher must tokenize text the same way.")
+    teacher_quant: str = _f("4bit", "Teacher weights: 4bit (bitsandbytes NF4, double quant), 8bit, or none "
+                            "(bf16 on GPU, fp32 on CPU).", choices=("4bit", "8bit", "none"))
+    student_quant: str = _f("none", "Student base weights: none, or 4bit for QLoRA (saves memory on a T4).",
+                            choices=("none", "4bit"))
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    teacher_device: str = _f("same", "Device for the teacher: `same` as the student, or e.g. cuda:1 "
+                             "(Kaggle 2xT4 puts the teacher on the second card).")
+    dtype: str = _f("auto", "Compute dtype: auto (bf16 on GPUs that support it, fp16 on a T4, fp32 on CPU), "
+                    "bf16, fp16 or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+
+
+@dataclass
+class LoraConfig:
+    """> The student's LoRA adapter (peft)."""
+
+    r: int = _f(16, "LoRA rank. Higher adapts more and costs more memory.", min=1)
+    alpha: int = _f(32, "LoRA alpha (scale = alpha / r).", min=1)
+    dropout: float = _f(0.0, "LoRA dropout; 0 keeps rollouts and the update on exactly the same policy.",
+                        min=0.0, max=0.9)
+    target_modules: Any = _f("all-linear", "Modules to adapt: all-linear (every linear layer of the blocks) "
+                             "or a list such as [q_proj, v_proj].")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.")
+
+
+@dataclass
+class DataConfig:
+    """> The prompts the student answers on-policy."""
+
+    dataset: str = _f("builtin:arithmetic", "Hub data set name, or a local .jsonl/.json/.parquet/.csv file. "
+                      "`builtin:arithmetic` is an offline toy set.")
+    split: str = _f("train", "Split to read (local files have only `train`).")
+    field: str = _f("auto", "Column holding the prompt: auto tries prompt, question, problem, messages.")
+    prompt_template: str = _f("{prompt}", "Python format string applied to each prompt; must contain {prompt}.")
+    prompt_suffix: str = _f("", "Text appended to every prompt (e.g. the boxed-answer instruction).")
+    chat_template: str = _f("auto", "Wrap prompts in the student's chat template: auto (if it has one), "
+                            "true or false.", choices=("auto", "true", "false"))
+    max_prompt_tokens: int = _f(512, "Longest prompt in tokens; longer ones are handled by `long_prompts`.",
+                                min=1)
+    long_prompts: str = _f("skip", "skip (counted and reported) or truncate (keep the end) prompts longer "
+                           "than max_prompt_tokens.", choices=("skip", "truncate"))
+    max_prompts: int = _f(0, "Use at most this many prompts (0 = all).", min=0)
+    shuffle: bool = _f(True, "Shuffle prompts (seeded by train.seed).")
+
+
+@dataclass
+class RolloutConfig:
+    """> On-policy sampling from the student (HF generate with its KV cache)."""
+
+    prompts_per_step: int = _f(4, "Prompts per optimizer step.", min=1)
+    n: int = _f(2, "Responses sampled per prompt (the paper uses 2).", min=1)
+    temperature: float = _f(1.0, "Sampling temperature (the paper: 1.0).", min=0.0, max=10.0)
+    top_p: float = _f(1.0, "Nucleus sampling top-p.", min=0.0, max=1.0, min_open=True)
+    max_new_tokens: int = _f(256, "Longest response in tokens.", min=1)
+    micro_batch: int = _f(0, "Sequences per forward/backward in the update (0 = all at once); gradients "
+                          "are accumulated over micro-batches.", min=0)
+
+
+@dataclass
+class LossConfig:
+    """> The representation loss (paper Eq. 6) and which states it compares."""
+
+    kind: str = _f("scale_mse", "Loss per layer: mse (paper Eq. 6: ||h_S-h_T||^2/d), scale_mse (mse divided "
+                   "by the teacher layer's mean squared norm, so every layer counts alike), normalized_mse "
+                   "(both L2-normalised first), cosine (1 - cos).")
+    coef: float = _f(1.0, "Coefficient of the representation loss.", min=0.0)
+    layers: Any = _f("all", "Student layers: all (HF hidden_states[1..L], the last is after the final "
+                     "norm), last, even, odd, or a list of 1-based layer indices.")
+    teacher_layers: Any = _f("auto", "Teacher layers for the student's: auto = proportional map "
+                             "round(linspace(0, L_T-1, L_S)) (paper Eq. 11), or an explicit list.")
+    positions: str = _f("all", "Response positions in the loss: all, last, last_k or first_k.",
+                        choices=POSITION_SETS)
+    k: int = _f(2000, "Window for last_k / first_k (the paper: last 2000).", min=1)
+    convention: str = _f("predict", "Which hidden state belongs to response token t: predict = the state at "
+                         "t-1 that predicts it (default; the positions output-space OPD uses), token = the "
+                         "state at t (the authors' code, for faithful reproduction).",
+                         choices=("predict", "token"))
+    reduction: str = _f("sequence", "sequence = per-sequence mean over positions, then mean over sequences "
+                        "(paper Eq. 6); token = one mean over all positions of the batch (authors' code).",
+                        choices=("sequence", "token"))
+
+
+@dataclass
+class TrainConfig:
+    """> Optimisation, logging and checkpoints."""
+
+    output_dir: str = _f("runs/minioprd", "Where config.yaml, metrics.jsonl, checkpoints and adapter/ go.")
+    steps: int = _f(100, "Optimizer steps (one fresh rollout batch each).", min=1)
+    lr: float = _f(1e-4, "AdamW learning rate. LoRA wants ~10x the paper's full-fine-tuning 1e-5.",
+                   min=0.0, min_open=True, max=1.0)
+    projection_lr: float = _f(0.0, "Learning rate of the width projections (0 = same as lr).", min=0.0)
+    warmup_ratio: float = _f(0.03, "Fraction of steps of linear warm-up before cosine decay (paper: 3%).",
+                             min=0.0, max=1.0)
+    min_lr_ratio: float = _f(0.1, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", min=0.0)
+    seed: int = _f(0, "Seed for data order, sampling and initialisation.")
+    log_every: int = _f(1, "Write a metrics line every N steps.", min=1)
+    save_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end).", min=0)
+    threads: int = _f(0, "torch CPU threads (0 = number of cores).", min=0)
+    collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
+                                   "(the student is collapsing into repetition).", min=0.0, max=1.0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> tuple[Any, str | None]:
+    """Turn a YAML/CLI value into the field's type; return (value, problem-or-None)."""
+    if typ is Any:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                return yaml.safe_load(value), None
+            except yaml.YAMLError:
+                return value, f"{key}: could not read list {value!r}"
+        return value, None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True, None
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False, None
+        return value, f"{key}: expected true or false, got {value!r}"
+    if typ in (int, float):
+        if isinstance(value, bool):
+            return value, f"{key}: expected a number, got {value!r}"
+        try:
+            if typ is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value), None
+            return float(value), None
+        except (TypeError, ValueError):
+            return value, f"{key}: expected {'an integer' if typ is int else 'a number'}, got {value!r}"
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            return value, f"{key}: expected text, got {value!r}"
+        if isinstance(value, bool):  # yaml reads `true` as bool; the str fields spell choices as text
+            return str(value).lower(), None
+        return str(value), None
+    return value, None
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], problems: list[str], source: str = "") -> None:
+    """Set dotted keys (`train.lr`) on cfg; unknown keys and bad types go to `problems`."""
+    classes = _section_classes()
+    where = f" in {source}" if source else ""
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in classes:
+            problems.append(f"unknown config section {section!r}{where}{_suggest(section, list(classes))}")
+            continue
+        if not name:
+            problems.append(f"{key!r}{where}: give a key inside the section, e.g. {section}.<key>")
+            continue
+        sub = getattr(cfg, section)
+        names = [f.name for f in dataclasses.fields(sub)]
+        if name not in names:
+            problems.append(f"unknown config key {key!r}{where}{_suggest(name, names)}")
+            continue
+        coerced, problem = _coerce(value, _type_of(type(sub), name), key)
+        if problem:
+            problems.append(problem + where)
+        else:
+            setattr(sub, name, coerced)
+
+
+def _flatten(data: dict[str, Any], problems: list[str], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if isinstance(body, dict):
+            for k, v in body.items():
+                flat[f"{section}.{k}"] = v
+        else:
+            flat[str(section)] = body  # reported as unknown/misplaced by apply_overrides
+    return flat
+
+
+def validate(cfg: Config) -> list[str]:
+    """All range and choice problems, each naming the key, the value and what is allowed."""
+    problems: list[str] = []
+    for sec in dataclasses.fields(cfg):
+        sub = getattr(cfg, sec.name)
+        for f in dataclasses.fields(sub):
+            v, m, key = getattr(sub, f.name), f.metadata, f"{sec.name}.{f.name}"
+            if "choices" in m and v not in m["choices"]:
+                problems.append(f"{key} must be one of {', '.join(m['choices'])}, got {v!r}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                lo, hi = m.get("min"), m.get("max")
+                if lo is not None and (v < lo or (m.get("min_open") and v == lo)):
+                    op = ">" if m.get("min_open") else ">="
+                    problems.append(f"{key} must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                    + f", got {v}")
+                elif hi is not None and v > hi:
+                    problems.append(f"{key} must be <= {hi}, got {v}")
+    from minioprd.losses import REP_LOSSES  # late import: losses imports torch
+
+    if cfg.loss.kind not in REP_LOSSES:
+        problems.append(f"loss.kind must be one of {', '.join(REP_LOSSES)}, got {cfg.loss.kind!r}")
+    layers = cfg.loss.layers
+    if isinstance(layers, str) and layers not in LAYER_SETS:
+        problems.append(f"loss.layers must be one of {', '.join(LAYER_SETS)} or a list of layer numbers, "
+                        f"got {layers!r}")
+    if isinstance(layers, list) and (not layers or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                            for x in layers)):
+        problems.append(f"loss.layers as a list must hold layer numbers (1-based), got {layers!r}")
+    tl = cfg.loss.teacher_layers
+    if not (tl == "auto" or (isinstance(tl, list) and tl and all(isinstance(x, int) for x in tl))):
+        problems.append(f"loss.teacher_layers must be auto or a list of layer numbers, got {tl!r}")
+    if "{prompt}" not in cfg.data.prompt_template:
+        problems.append(f"data.prompt_template must contain {{prompt}}, got {cfg.data.prompt_template!r}")
+    tm = cfg.lora.target_modules
+    if not (isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+        problems.append(f"lora.target_modules must be all-linear or a list of module names, got {tm!r}")
+    for key, dev in (("model.device", cfg.model.device), ("model.teacher_device", cfg.model.teacher_device)):
+        ok = dev in ("auto", "cpu", "cuda", "same") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        if not ok or (key == "model.device" and dev == "same"):
+            problems.append(f"{key} must be auto, cpu, cuda or cuda:N{' or same' if 'teacher' in key else ''}, "
+                            f"got {dev!r}")
+    return problems
+
+
+def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- recipe YAML <- overrides; raises ConfigError listing every problem."""
+    cfg, problems = Config(), []
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError([f"recipe file {str(path)!r} not found: pass a path to a YAML file "
+                               f"(see recipes/ for examples)"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"recipe {str(path)!r} must be a mapping of sections (model, lora, data, ...)"])
+        apply_overrides(cfg, _flatten(data, problems, str(path)), problems, source=str(path))
+    apply_overrides(cfg, dict(overrides or {}), problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. a run's config.yaml)."""
+    cfg, problems = Config(), []
+    apply_overrides(cfg, _flatten(data, problems, "config"), problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: Config, comments: bool = True) -> str:
+    """The resolved config as YAML; with comments, each key carries its help text."""
+    if not comments:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    lines: list[str] = []
+    for sec in dataclasses.fields(cfg):
+        sub = getattr(cfg, sec.name)
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(sub):
+            val = yaml.safe_dump(getattr(sub, f.name), default_flow_style=True, width=10_000).strip()
+            if val.endswith("\n..."):
+                val = val[:-4].strip()
+            val = val.removesuffix("...").strip()
+            lines.append(f"  {f.name}: {val}  # {f.metadata['help']}")
+    return "\n".join(lines) + "\n"
+
+
+def is_optional(t: Any) -> bool:
+    return typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in typing.get_args(t)
