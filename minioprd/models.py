@@ -1,0 +1,231 @@
+"""Loading the teacher (frozen, 4-bit by default) and the LoRA student, and checking they share a tokenizer.
+
+Model arguments are a local directory, a hub id (`Qwen/Qwen2.5-7B`), a known short name (`Qwen2.5-7B`,
+resolved to its hub id), or `builtin:tiny-*` (toy models built offline, see `tiny.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minioprd.errors import MinioprdError
+
+# bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community" on import.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+_FAMILIES = {
+    "Qwen/": [f"Qwen2.5-{s}{v}" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
+              for v in ("", "-Instruct")]
+    + [f"Qwen2.5-Math-{s}{v}" for s in ("1.5B", "7B") for v in ("", "-Instruct")]
+    + [f"Qwen3-{s}{v}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B") for v in ("", "-Base")],
+    "HuggingFaceTB/": [f"SmolLM2-{s}{v}" for s in ("135M", "360M", "1.7B") for v in ("", "-Instruct")],
+    "meta-llama/": [f"Llama-3.2-{s}{v}" for s in ("1B", "3B") for v in ("", "-Instruct")]
+    + ["Llama-3.1-8B", "Llama-3.1-8B-Instruct"],
+    "deepseek-ai/": [f"DeepSeek-R1-Distill-Qwen-{s}" for s in ("1.5B", "7B", "14B")],
+    "microsoft/": ["Phi-4-mini-reasoning", "Phi-4-mini-instruct"],
+}
+KNOWN_MODELS: dict[str, str] = {name.lower(): org + name for org, names in _FAMILIES.items() for name in names}
+
+
+@dataclass
+class ResolvedModel:
+    name: str  # what the user typed
+    path: str  # local directory or hub id handed to from_pretrained
+    note: str  # one line for the console, e.g. "Qwen2.5-7B -> Qwen/Qwen2.5-7B"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_model(name: str, role: str = "model") -> ResolvedModel:
+    """Map a model argument to something `from_pretrained` can open, failing fast and clearly.
+
+    Fails within seconds (not a 46-second hub timeout) when the model is neither local nor reachable.
+    """
+    if name.startswith("builtin:"):
+        from minioprd.tiny import builtin_model_dir
+
+        path = builtin_model_dir(name)
+        return ResolvedModel(name, str(path), f"{role}: {name} (built offline at {path})")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            hint = " (it looks like a LoRA adapter: pass its base model, or merge it first)" \
+                if (p / "adapter_config.json").is_file() else ""
+            raise MinioprdError(f"{role} directory {name!r} has no config.json{hint}: "
+                                f"pass a Hugging Face model directory or hub id")
+        return ResolvedModel(name, str(p), f"{role}: {p}")
+    # A hub id is `org/name`; anything else with a slash, or starting like a path, is a (missing) path.
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 \
+        or p.suffix in (".safetensors", ".bin", ".gguf")
+    if looks_like_path:
+        raise MinioprdError(f"{role} path {name!r} does not exist: check the path, or pass a hub id such "
+                            f"as Qwen/Qwen2.5-0.5B")
+    repo = KNOWN_MODELS.get(name.lower(), name)
+    note = f"{role}: {name} -> {repo}" if repo != name else f"{role}: {repo}"
+    if "/" not in repo:
+        raise MinioprdError(f"unknown {role} {name!r}: pass a local directory, a hub id (org/name), or a "
+                            f"known name such as Qwen2.5-0.5B, Qwen3-1.7B, SmolLM2-135M-Instruct")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return ResolvedModel(name, repo, note + " (local cache)")
+    if _offline():
+        raise MinioprdError(f"{role} {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: "
+                            f"download it first (`hf download {repo}`) or pass a local directory")
+    from huggingface_hub import HfApi
+
+    try:  # a short probe, so a missing network costs seconds rather than the client's long retries
+        HfApi().model_info(repo, timeout=8)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot fetch this model"
+        kind = type(e).__name__
+        raise MinioprdError(f"cannot fetch {role} {repo!r} from the Hugging Face hub ({kind}): check the name "
+                            f"and your network, or pass a local directory") from None
+    return ResolvedModel(name, repo, note)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MinioprdError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp16 on older cards (T4), fp32 on CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def quantization_config(quant: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        # NF4 + double quantization: ~0.5 byte/param, so a 7B teacher fits a T4 beside the student.
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _from_pretrained(path: str, role: str, **kw: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
+    except torch.cuda.OutOfMemoryError:
+        raise MinioprdError(f"out of GPU memory while loading the {role} {path!r}: use a 4-bit {role}, a smaller "
+                            f"model, or run `minioprd plan` to see what fits") from None
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinioprdError(f"could not load the {role} from {path!r}: {first}") from None
+
+
+def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> Any:
+    """The frozen teacher: eval mode, no gradients (callers also run it under torch.no_grad())."""
+    device = torch.device(device)
+    # bf16 compute for 4-bit is the issue's default everywhere; unquantized weights are bf16 on GPU, fp32 on CPU.
+    compute = dtype or (torch.bfloat16 if device.type == "cuda" or quant == "4bit" else torch.float32)
+    kw: dict[str, Any] = {"device_map": {"": str(device)}}
+    qc = quantization_config(quant, compute)
+    if qc is not None:
+        kw["quantization_config"] = qc
+    else:
+        kw["dtype"] = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = _from_pretrained(resolved.path, "teacher", **kw)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_student(resolved: ResolvedModel, lora: Any, quant: str = "none", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """The student: base weights frozen (optionally 4-bit, i.e. QLoRA) with a trainable LoRA adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    device = torch.device(device)
+    kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype}
+    qc = quantization_config(quant, dtype if dtype != torch.float32 else torch.bfloat16)
+    if qc is not None:
+        kw["quantization_config"] = qc
+    model = _from_pretrained(resolved.path, "student", **kw)
+    if qc is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=lora.gradient_checkpointing)
+    elif lora.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = lora.target_modules
+    torch.manual_seed(seed)  # LoRA A matrices are random: seed them for reproducible runs
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                              target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise MinioprdError(f"lora.target_modules={targets!r} does not fit this student: "
+                            f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())  # 4-bit packs 2/byte
+    return trainable, total
+
+
+def load_tokenizer(resolved: ResolvedModel, role: str = "student") -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MinioprdError(f"could not load the {role} tokenizer from {resolved.path!r}: {first}") from None
+    if tok.pad_token_id is None:  # generate needs a pad id for left padding; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+_PROBES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Solve 12345 + 67890 = ? Please reason step by step, and put your final answer within \\boxed{}.",
+    "def f(x):\n    return x ** 2  # naïve café, 数学, émoji 🙂",
+    "  leading spaces, tabs\tand\nnewlines\n\n",
+]
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any, teacher_vocab_rows: int) -> None:
+    """The student's tokenizer drives everything, so the teacher must map the same text to the same ids.
+
+    Padded vocabulary sizes may differ (Qwen2.5-0.5B: 151936 rows, 7B: 152064); only the ids matter.
+    """
+    texts = list(_PROBES)
+    if getattr(student_tok, "chat_template", None):
+        msgs = [{"role": "user", "content": "What is 2+2?"}]
+        texts.append(student_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    for text in texts:
+        s = student_tok(text, add_special_tokens=False)["input_ids"]
+        t = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        if s != t:
+            raise MinioprdError(
+                f"teacher and student tokenizers differ (text {text[:30]!r} -> {s[:6]}... vs {t[:6]}...): "
+                f"the teacher must read the student's tokens; pick a teacher of the student's family "
+                f"(cross-tokenizer distillation is not supported yet)")
+    biggest = len(student_tok) - 1
+    if biggest >= teacher_vocab_rows:
+        raise MinioprdError(f"the student's tokenizer has ids up to {biggest} but the teacher's embedding has "
+                            f"only {teacher_vocab_rows} rows: the models do not share a vocabulary")
