@@ -1,0 +1,354 @@
+"""On-Policy Representation Distillation (OPRD, arXiv 2606.06021), one readable loop.
+
+Each optimizer step:
+  1. rollout   - the student (LoRA active) samples `n` responses for each of `prompts_per_step` prompts
+                 with HF generate and its KV cache;
+  2. targets   - the frozen teacher reads the same tokens; hooks keep only the mapped layers at the
+                 loss positions (no teacher logits, no LM head);
+  3. loss      - the student re-reads the tokens with gradients; per mapped layer the student state
+                 (through a width projection when the widths differ) is compared with the teacher's on
+                 the response positions (paper Eq. 6 and variants, `losses.py`), mean over layers;
+  4. step      - backward (accumulated over micro-batches), clip, AdamW, warm-up + cosine schedule;
+  5. log       - one `metrics.jsonl` line, the progress bar, checkpoints.
+The result is a PEFT adapter in `output_dir/adapter/` (plus `projections.safetensors` when widths differ).
+
+    from minioprd.config import load_config
+    from minioprd.distill import distill
+    distill(load_config("recipes/tiny-cpu.yaml", {"train.steps": 20}))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minioprd import __version__
+from minioprd.capture import capture_hidden, num_layers
+from minioprd.config import Config, to_yaml
+from minioprd.errors import MinioprdError
+from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+from minioprd.layers import layer_map, position_mask, state_window
+from minioprd.rollout import Rollout, rollout
+
+
+@dataclass
+class Setup:
+    """Everything `distill` loads before the first step."""
+
+    cfg: Config
+    device: torch.device
+    teacher_device: torch.device
+    dtype: torch.dtype
+    student: Any  # PeftModel
+    teacher: Any
+    tokenizer: Any
+    prompts: list[list[int]]  # token ids of the usable prompts
+    pairs: list[tuple[int, int]]  # (student layer, teacher layer), hidden_states indices
+    projections: nn.ModuleList  # one bias-free Linear(d_S -> d_T) per pair, empty when widths match
+    notes: list[str] = field(default_factory=list)
+    skipped_prompts: int = 0
+
+
+def _model_shape(path: str) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(path)
+    c = getattr(c, "text_config", c)
+    return c.num_hidden_layers, c.hidden_size
+
+
+def plan_layers(cfg: Config) -> tuple[list[tuple[int, int]], tuple[int, int], tuple[int, int], list[str]]:
+    """Resolve both models' depths/widths from their configs (no weights) and build the layer map."""
+    from minioprd.models import resolve_model
+
+    t, s = resolve_model(cfg.model.teacher, "teacher"), resolve_model(cfg.model.student, "student")
+    try:
+        t_shape, s_shape = _model_shape(t.path), _model_shape(s.path)
+    except (OSError, ValueError) as e:
+        raise MinioprdError(f"could not read a model config: {str(e).splitlines()[0]}") from None
+    pairs = layer_map(cfg.loss.layers, s_shape[0], t_shape[0], cfg.loss.teacher_layers)
+    return pairs, s_shape, t_shape, [t.note, s.note]
+
+
+def describe(cfg: Config, console: Any) -> None:
+    """--dry-run: the resolved config and the layer map, without loading any weights."""
+    pairs, (ls, ds), (lt, dt), notes = plan_layers(cfg)
+    console.print(to_yaml(cfg), markup=False, highlight=False)
+    for n in notes:
+        console.print(f"# {n}", markup=False, highlight=False)
+    console.print(f"# student: {ls} layers x {ds} wide; teacher: {lt} layers x {dt} wide", markup=False)
+    console.print("# layer_map (student -> teacher, hidden_states index): "
+                  + ", ".join(f"{a}->{b}" for a, b in pairs), markup=False, highlight=False)
+    console.print(f"# projections: {'none (same width)' if ds == dt else f'{len(pairs)} x Linear({ds}->{dt})'}; "
+                  f"positions: {cfg.loss.positions}"
+                  f"{f' (k={cfg.loss.k})' if cfg.loss.positions.endswith('_k') else ''}, convention "
+                  f"{cfg.loss.convention}", markup=False, highlight=False)
+
+
+def prepare(cfg: Config, log: Any = print) -> Setup:
+    from minioprd.data import load_examples, render_prompts, tokenize_prompts
+    from minioprd.models import (check_tokenizers, load_student, load_teacher, load_tokenizer, pick_device,
+                                 pick_dtype, resolve_model, trainable_parameters)
+
+    torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
+    device = pick_device(cfg.model.device)
+    teacher_device = device if cfg.model.teacher_device == "same" else pick_device(cfg.model.teacher_device)
+    dtype = pick_dtype(cfg.model.dtype, device)
+    t_res, s_res = resolve_model(cfg.model.teacher, "teacher"), resolve_model(cfg.model.student, "student")
+    log(t_res.note)
+    log(s_res.note)
+    tokenizer = load_tokenizer(s_res, "student")
+    teacher_tok = load_tokenizer(t_res, "teacher")
+
+    examples = load_examples(cfg.data.dataset, split=cfg.data.split, field=cfg.data.field,
+                             max_rows=0)
+    use_chat = cfg.data.chat_template
+    texts = render_prompts(tokenizer, examples, template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
+                           chat_template=use_chat)
+    prompts, _kept, skipped = tokenize_prompts(tokenizer, texts, cfg.data.max_prompt_tokens, cfg.data.long_prompts)
+    if cfg.data.max_prompts:
+        prompts = prompts[: cfg.data.max_prompts]
+    log(f"prompts: {len(prompts)} from {cfg.data.dataset}" + (f" ({skipped} longer than "
+        f"{cfg.data.max_prompt_tokens} tokens skipped)" if skipped else ""))
+
+    teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device)
+    check_tokenizers(tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
+    student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed)
+    n_train, n_total = trainable_parameters(student)
+    log(f"student LoRA r={cfg.lora.r}: trainable params {n_train:,} of {n_total:,} "
+        f"({100 * n_train / max(n_total, 1):.3f}%)")
+
+    pairs = layer_map(cfg.loss.layers, num_layers(student), num_layers(teacher), cfg.loss.teacher_layers)
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    torch.manual_seed(cfg.train.seed)
+    projections = nn.ModuleList()
+    if d_s != d_t:
+        for _ in pairs:
+            proj = nn.Linear(d_s, d_t, bias=False)
+            nn.init.normal_(proj.weight, std=d_s ** -0.5)  # keeps the per-dimension scale of the input
+            projections.append(proj)
+        projections.to(device)
+        log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
+            " trainable params")
+    log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
+    return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
+                 skipped_prompts=skipped)
+
+
+def lr_lambda(cfg: Config):
+    total, warm = cfg.train.steps, math.ceil(cfg.train.warmup_ratio * cfg.train.steps)
+    floor = cfg.train.min_lr_ratio
+
+    def f(step: int) -> float:  # linear warm-up, then cosine from 1 to `floor`
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def distinct_ratio(ro: Rollout) -> float:
+    """Mean over responses of unique tokens / tokens: falls towards 0 when rollouts collapse into repetition."""
+    vals = []
+    for row, m in zip(ro.responses, ro.response_mask):
+        toks = row[m].tolist()
+        if toks:
+            vals.append(len(set(toks)) / len(toks))
+    return sum(vals) / max(1, len(vals))
+
+
+def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
+    """Teacher targets, student forward, loss and backward over micro-batches; returns loss figures."""
+    from minioprd.losses import layer_cosines, representation_loss
+
+    cfg = s.cfg
+    B = ro.input_ids.shape[0]
+    mb = cfg.rollout.micro_batch or B
+    selected = position_mask(ro.response_mask, cfg.loss.positions, cfg.loss.k)  # (B, R)
+    total_sel = max(1, int(selected.sum()))
+    t_layers, s_layers = [t for _, t in s.pairs], [l for l, _ in s.pairs]
+    loss_sum, per_layer, cos = 0.0, torch.zeros(len(s.pairs)), torch.zeros(len(s.pairs))
+    projections = list(s.projections) if len(s.projections) else None
+    for i in range(0, B, mb):
+        part = ro.select(slice(i, i + mb))
+        sel = selected[i:i + mb]
+        if not sel.any():
+            continue
+        win = state_window(part.prompt_len, sel, cfg.loss.convention)
+        pos = part.position_ids()
+        with torch.no_grad():
+            targets = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device),
+                                     part.attention_mask.to(s.teacher_device), pos.to(s.teacher_device),
+                                     t_layers, win.start, win.stop)
+            targets = [t.to(s.device, s.dtype) for t in targets]  # (B, W, D_T) each
+        states = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, win.start, win.stop)
+        states = [h.float() for h in states]  # (B, W, D_S); fp32 into the projections and the loss
+        loss, layer_losses = representation_loss(states, targets, win.mask, kind=cfg.loss.kind,
+                                                 reduction=cfg.loss.reduction, projections=projections)
+        # Weight micro-batches so the accumulated gradient equals the full-batch loss's.
+        share = (part.input_ids.shape[0] / B) if cfg.loss.reduction == "sequence" else int(sel.sum()) / total_sel
+        (cfg.loss.coef * loss * share).backward()
+        loss_sum += float(loss.detach()) * share
+        per_layer += layer_losses.float().cpu() * share
+        cos += layer_cosines(states, targets, win.mask, projections).float().cpu() * share
+    return {"loss": cfg.loss.coef * loss_sum, "loss_rep": loss_sum, "layer_loss": per_layer.tolist(),
+            "layer_cos": cos.tolist()}
+
+
+def save_adapter(s: Setup, path: Path) -> None:
+    """PEFT adapter + tokenizer + projections + minioprd.json, written atomically."""
+    from safetensors.torch import save_file
+
+    cfg = s.cfg
+    with atomic_dir(path) as tmp:
+        s.student.save_pretrained(tmp)
+        s.tokenizer.save_pretrained(tmp)
+        if len(s.projections):
+            tensors = {f"s{a}_t{b}.weight": p.weight.detach().float().cpu().contiguous()
+                       for (a, b), p in zip(s.pairs, s.projections)}
+            save_file(tensors, str(tmp / "projections.safetensors"))
+        from minioprd.models import resolve_model
+
+        atomic_write_json(tmp / "minioprd.json", {
+            "format": 1, "minioprd_version": __version__, "student": cfg.model.student,
+            "student_path": resolve_model(cfg.model.student, "student").path,
+            "student_quant": cfg.model.student_quant, "teacher": cfg.model.teacher,
+            "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)),
+            "loss": cfg.loss.kind, "convention": cfg.loss.convention,
+        })
+
+
+def _check_output_dir(out: Path, force: bool) -> None:
+    if (out / "metrics.jsonl").exists() or (out / "adapter").exists():
+        if not force:
+            raise MinioprdError(f"output dir {str(out)!r} already holds a run: pass a new --output-dir, or "
+                                f"--force to overwrite it")
+        for name in ("metrics.jsonl", "metrics.png", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+def distill(cfg: Config, console: Any = None, force: bool = False) -> dict[str, Any]:
+    """Run OPRD as configured; returns a summary (also written to output_dir/summary.json)."""
+    log = (lambda m: console.print(m, markup=False, highlight=False)) if console is not None else (lambda m: None)
+    out = Path(cfg.train.output_dir)
+    _check_output_dir(out, force)
+    s = prepare(cfg, log)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+
+    from minioprd.data import PromptSampler
+
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": cfg.train.lr}]
+    if len(s.projections):
+        groups.append({"params": list(s.projections.parameters()), "lr": cfg.train.projection_lr or cfg.train.lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sampler = PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    s.student.train()
+
+    progress = _progress(console, cfg.train.steps)
+    t_start, nonfinite_in_row, nonfinite_total, history = time.time(), 0, 0, []
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            t0 = time.time()
+            idx = sampler.next_batch(cfg.rollout.prompts_per_step)
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # rollouts reproducible step by step
+            ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                         max_new_tokens=cfg.rollout.max_new_tokens)
+            t1 = time.time()
+            figures = update_step(s, ro)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params + list(s.projections.parameters()), cfg.train.grad_clip if cfg.train.grad_clip > 0
+                else float("inf"))
+            finite = math.isfinite(figures["loss"]) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                nonfinite_in_row = 0
+            else:  # skip the update: one bad sample must not poison the adapter
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr_now = scheduler.get_last_lr()[0]
+            scheduler.step()
+            t2 = time.time()
+            gen_tokens = int(ro.response_mask.sum())
+            distinct = distinct_ratio(ro)
+            record = {
+                "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"],
+                "cos": sum(figures["layer_cos"]) / len(figures["layer_cos"]), "cos_last": figures["layer_cos"][-1],
+                "layer_cos": [round(c, 5) for c in figures["layer_cos"]],
+                "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
+                "response_len": gen_tokens / ro.input_ids.shape[0],
+                "eos_frac": float((ro.response_mask.sum(1) < ro.response_mask.shape[1]).float().mean())
+                if ro.response_mask.shape[1] else 0.0,
+                "distinct": distinct, "collapse_warning": distinct < cfg.train.collapse_threshold,
+                "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": nonfinite_total,
+                "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
+                "step_s": t2 - t0, "elapsed_s": t2 - t_start,
+            }
+            history.append(record)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                append_jsonl(out / "metrics.jsonl", record)
+            if record["collapse_warning"] and console is not None:
+                progress.console.print(f"[yellow]warning:[/yellow] step {step}: rollouts are repeating themselves "
+                                       f"(distinct-token ratio {distinct:.2f} < {cfg.train.collapse_threshold}); "
+                                       f"lower train.lr or add an output-space term")
+            if progress is not None:
+                progress.update(progress.task_ids[0], advance=1,
+                                figures=f"loss {record['loss']:.4g} cos {record['cos']:.3f} "
+                                        f"len {record['response_len']:.0f} {record['tokens_per_s']:.0f} tok/s")
+            if nonfinite_in_row >= 3:
+                save_adapter(s, out / "adapter")
+                raise MinioprdError(f"the loss or gradient was not finite for 3 steps in a row (step {step}); the "
+                                    f"last good adapter is saved in {out / 'adapter'}: lower train.lr, keep "
+                                    f"train.grad_clip on, or use loss.kind=scale_mse")
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                save_adapter(s, out / "checkpoints" / f"step-{step:06d}")
+    finally:
+        if progress is not None:
+            progress.stop()
+    save_adapter(s, out / "adapter")
+    summary = {
+        "steps": cfg.train.steps, "seconds": time.time() - t_start,
+        "seconds_per_step": (time.time() - t_start) / cfg.train.steps,
+        "first": {k: history[0][k] for k in ("loss", "cos", "response_len", "distinct")},
+        "last": {k: history[-1][k] for k in ("loss", "cos", "response_len", "distinct")},
+        "nonfinite_steps": nonfinite_total, "skipped_prompts": s.skipped_prompts,
+        "adapter": str(out / "adapter"),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    _plot(out)
+    log(f"done: {cfg.train.steps} steps in {summary['seconds']:.1f}s ({summary['seconds_per_step']:.2f} s/step); "
+        f"loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}, cos {summary['first']['cos']:.3f} -> "
+        f"{summary['last']['cos']:.3f}; adapter in {out / 'adapter'}")
+    return summary
+
+
+def _progress(console: Any, total: int) -> Any:
+    if console is None:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    p = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[figures]}"),
+                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    p.add_task("distill", total=total, figures="")
+    p.start()
+    return p
+
+
+def _plot(out: Path) -> None:
+    """metrics.png: loss, cosine, response length, distinct ratio over steps (needs matplotlib)."""
+    from minioprd.report import plot_metrics
+
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
