@@ -235,12 +235,15 @@ def _check_output_dir(out: Path, force: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def distill(cfg: Config, console: Any = None, force: bool = False) -> dict[str, Any]:
-    """Run OPRD as configured; returns a summary (also written to output_dir/summary.json)."""
+def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup | None = None) -> dict[str, Any]:
+    """Run OPRD as configured; returns a summary (also written to output_dir/summary.json).
+
+    `setup` (from `prepare(cfg)`) lets a notebook reuse loaded models; it is trained in place.
+    """
     log = (lambda m: console.print(m, markup=False, highlight=False)) if console is not None else (lambda m: None)
     out = Path(cfg.train.output_dir)
     _check_output_dir(out, force)
-    s = prepare(cfg, log)
+    s = setup or prepare(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
 

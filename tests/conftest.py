@@ -61,7 +61,7 @@ def qwen3_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tok = AutoTokenizer.from_pretrained(src)
     root = tmp_path_factory.mktemp("qwen3")
     dirs = {}
-    for name, (hidden, layers, rows) in {"student": (64, 2, 151936), "teacher": (96, 3, 152064)}.items():
+    for name, (hidden, layers, rows) in {"student": (64, 2, 151936), "teacher": (128, 3, 152064)}.items():
         cfg = Qwen3Config(vocab_size=rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
                           eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)

@@ -1,0 +1,145 @@
+"""End to end: the OPRD loop through the CLI and the Python API on tiny models (4-bit teacher on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minioprd.cli import app
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml")
+runner = CliRunner()
+
+
+def _lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = runner.invoke(app, ["distill", "--recipe", RECIPE, "-o", str(out), "--steps", "12",
+                                 "train.lr=3e-3", "train.save_every=5"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_cli_run_writes_every_output(cli_run):
+    out, result = cli_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "metrics.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/projections.safetensors", "adapter/minioprd.json",
+                 "adapter/tokenizer_config.json", "checkpoints/step-000005/adapter_model.safetensors",
+                 "checkpoints/step-000010/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "cos", "layer_cos", "response_len", "distinct", "tokens_per_s", "elapsed_s", "lr"):
+        assert key in rows[0], key
+    assert len(rows[0]["layer_cos"]) == 2  # 2 student layers mapped onto the 4-layer teacher
+    assert "layer_map (student->teacher): 1->1, 2->4" in result.stdout
+    meta = json.loads((out / "adapter" / "minioprd.json").read_text())
+    assert meta["layer_map"] == [[1, 1], [2, 4]] and meta["projections"] is True
+
+
+def test_cli_run_loss_falls_and_cosine_rises(cli_run):
+    out, _ = cli_run
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert rows[-1]["cos"] > rows[0]["cos"] + 0.05
+
+
+def test_training_moves_lora_and_projections_only_and_adapter_reloads(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from minioprd.config import load_config
+    from minioprd.distill import distill, prepare
+
+    cfg = load_config(RECIPE, {"train.output_dir": str(tmp_path / "run"), "train.steps": 4, "train.lr": "3e-3"})
+    s = prepare(cfg, log=lambda m: None)
+    before = {n: p.detach().clone() for n, p in s.student.named_parameters()}
+    proj_before = [p.weight.detach().clone() for p in s.projections]
+    probe = torch.tensor([s.prompts[0]])
+    with torch.no_grad():  # bitsandbytes repacks 4-bit weights for the CPU on first use: compare outputs
+        teacher_before = s.teacher(input_ids=probe).logits
+    distill(cfg, setup=s)
+    moved = {n for n, p in s.student.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert all(not torch.equal(p.weight, w) for p, w in zip(s.projections, proj_before))
+    with torch.no_grad():
+        assert torch.equal(s.teacher(input_ids=probe).logits, teacher_before)
+    assert all(p.grad is None and not p.requires_grad for p in s.teacher.parameters())
+
+    base = AutoModelForCausalLM.from_pretrained(s.student.peft_config["default"].base_model_name_or_path,
+                                                dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    ids = torch.tensor([s.prompts[0]])
+    s.student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, s.student(input_ids=ids).logits)
+        with reloaded.disable_adapter():
+            assert not torch.allclose(reloaded(input_ids=ids).logits, s.student(input_ids=ids).logits)
+
+
+def test_qwen3_real_tokenizer_with_padded_vocab_difference(qwen3_pair, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}]})
+                              for q in ("What is 2+2?", "Name a colour.", "Say hi.")) + "\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["distill", "--teacher", str(qwen3_pair["teacher"]), "--student",
+                                 str(qwen3_pair["student"]), "--dataset", str(data), "-o", str(out), "--steps", "2",
+                                 "--max-new-tokens", "8", "--prompts-per-step", "2", "--device", "cpu",
+                                 "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+    assert "layer_map (student->teacher): 1->1, 2->3" in result.stdout
+    cfg = (out / "adapter" / "tokenizer_config.json").read_text()
+    assert "<think>" in cfg or (out / "adapter" / "chat_template.jinja").is_file()
+
+
+def test_dry_run_prints_config_and_layer_map():
+    result = runner.invoke(app, ["distill", "--recipe", RECIPE, "--dry-run", "loss.layers=last"])
+    assert result.exit_code == 0, result.output
+    assert "layer_map (student -> teacher, hidden_states index): 2->4" in result.stdout
+    assert "Linear(64->128)" in result.stdout and "kind: scale_mse" in result.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--student", "/no/such/model"], "student path '/no/such/model' does not exist"),
+    (["loss.knd=mse"], "unknown config key 'loss.knd' (did you mean 'kind'?)"),
+    (["train.lr=-1", "rollout.n=0"], "2 problems in the config"),
+    (["--teacher", "Qwen2.5-7B"], "is not in the local Hugging Face cache"),
+    (["notanoverride"], "is not section.key=value"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, tmp_path):
+    result = runner.invoke(app, ["distill", "--recipe", RECIPE, "-o", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    lines = _lines(result)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def test_dataset_without_prompt_field_is_one_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "hello", "label": 1}\n')
+    result = runner.invoke(app, ["distill", "--recipe", RECIPE, "--dataset", str(data), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    lines = _lines(result)
+    assert len(lines) == 1 and "text" in lines[0] and "--field" in lines[0], lines
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_not_overwritten(cli_run):
+    out, _ = cli_run
+    before = (out / "metrics.jsonl").read_bytes()
+    result = runner.invoke(app, ["distill", "--recipe", RECIPE, "-o", str(out), "--steps", "1"])
+    assert result.exit_code == 2 and "already holds a run" in result.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
