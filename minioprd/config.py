@@ -101,6 +101,15 @@ class RolloutConfig:
 class LossConfig:
     """> The representation loss (paper Eq. 6) and which states it compares."""
 
+    objective: str = _f("oprd", "oprd (representation loss only, the paper's main setting), or an "
+                        "output-space OPD baseline: opd_sampled (sampled-token REINFORCE), opd_topk (student's "
+                        "top-k), opd_full (exact reverse KL, chunked). With an OPD objective and mu > 0 the loss is "
+                        "L_OPD + mu * L_OPRD (paper Eq. 7), one teacher forward.",
+                        choices=("oprd", "opd_sampled", "opd_topk", "opd_full"))
+    mu: float = _f(0.0, "Weight of the representation loss added to an OPD objective (Eq. 7; the paper tries "
+                   "1 and 10). Ignored for objective=oprd (use coef).", min=0.0)
+    topk: int = _f(16, "k of opd_topk (the authors' default 16).", min=1)
+    opd_chunk: int = _f(512, "Rows of logits computed at a time by the OPD losses (memory vs speed).", min=1)
     kind: str = _f("scale_mse", "Loss per layer: mse (paper Eq. 6: ||h_S-h_T||^2/d), scale_mse (mse divided "
                    "by the teacher layer's mean squared norm, so every layer counts alike), normalized_mse "
                    "(both L2-normalised first), cosine (1 - cos).")

@@ -165,42 +165,84 @@ def distinct_ratio(ro: Rollout) -> float:
     return sum(vals) / max(1, len(vals))
 
 
-def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
-    """Teacher targets, student forward, loss and backward over micro-batches; returns loss figures."""
-    from minioprd.losses import layer_cosines, representation_loss
+def _head(model: Any, device: torch.device) -> Any:
+    """The LM head as a callable on (N, D) rows, in the head's dtype/device, returning logits on `device`."""
+    head = model.get_output_embeddings()
+    w = head.weight
+    return lambda h: head(h.to(w.device, w.dtype)).to(device)
 
-    cfg = s.cfg
+
+def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
+    """Teacher targets, student forward, loss and backward over micro-batches; returns loss figures.
+
+    objective=oprd: coef * L_OPRD. An OPD objective: L_OPD + mu * L_OPRD (paper Eq. 7); both terms come from
+    one teacher forward and one student forward over the union of the columns they need.
+    """
+    from minioprd.losses import OPD_LOSSES, layer_cosines, representation_loss
+
+    cfg, lc = s.cfg, s.cfg.loss
+    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    rep_weight = lc.coef if lc.objective == "oprd" else lc.mu
     B = ro.input_ids.shape[0]
     mb = cfg.rollout.micro_batch or B
-    selected = position_mask(ro.response_mask, cfg.loss.positions, cfg.loss.k)  # (B, R)
+    selected = position_mask(ro.response_mask, lc.positions, lc.k) if need_rep else ro.response_mask  # (B, R)
     total_sel = max(1, int(selected.sum()))
-    t_layers, s_layers = [t for _, t in s.pairs], [l for l, _ in s.pairs]
-    loss_sum, per_layer, cos = 0.0, torch.zeros(len(s.pairs)), torch.zeros(len(s.pairs))
+    L_S, L_T = num_layers(s.student), num_layers(s.teacher)
+    s_layers = sorted(({l for l, _ in s.pairs} if need_rep else set()) | ({L_S} if need_opd else set()))
+    t_layers = sorted(({t for _, t in s.pairs} if need_rep else set()) | ({L_T} if need_opd else set()))
     projections = list(s.projections) if len(s.projections) else None
+    vocab = min(s.student.get_output_embeddings().weight.shape[0], s.teacher.get_output_embeddings().weight.shape[0])
+    n = len(s.pairs)
+    sums = {"loss": 0.0, "loss_rep": 0.0, "loss_opd": 0.0}
+    per_layer, cos = torch.zeros(n), torch.zeros(n)
     for i in range(0, B, mb):
         part = ro.select(slice(i, i + mb))
-        sel = selected[i:i + mb]
+        sel, valid = selected[i:i + mb], part.response_mask
         if not sel.any():
             continue
-        win = state_window(part.prompt_len, sel, cfg.loss.convention)
+        rep_win = state_window(part.prompt_len, sel, lc.convention) if need_rep else None
+        opd_win = state_window(part.prompt_len, valid, "predict") if need_opd else None
+        windows = [w for w in (rep_win, opd_win) if w is not None]
+        start, stop = min(w.start for w in windows), max(w.stop for w in windows)
         pos = part.position_ids()
         with torch.no_grad():
-            targets = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device),
-                                     part.attention_mask.to(s.teacher_device), pos.to(s.teacher_device),
-                                     t_layers, win.start, win.stop)
-            targets = [t.to(s.device, s.dtype) for t in targets]  # (B, W, D_T) each
-        states = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, win.start, win.stop)
-        states = [h.float() for h in states]  # (B, W, D_S); fp32 into the projections and the loss
-        loss, layer_losses = representation_loss(states, targets, win.mask, kind=cfg.loss.kind,
-                                                 reduction=cfg.loss.reduction, projections=projections)
+            got = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device), part.attention_mask.to(
+                s.teacher_device), pos.to(s.teacher_device), t_layers, start, stop)
+            teacher = {l: h.to(s.device, s.dtype) for l, h in zip(t_layers, got)}  # (b, W, D_T) each
+        got = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, start, stop)
+        student = {l: h.float() for l, h in zip(s_layers, got)}  # (b, W, D_S); fp32 into projections and loss
+
+        def cut(h: torch.Tensor, w: Any) -> torch.Tensor:
+            return h[:, w.start - start:w.stop - start]
+
+        loss = torch.zeros((), device=s.device)
+        if need_rep:
+            states = [cut(student[l], rep_win) for l, _ in s.pairs]
+            targets = [cut(teacher[t], rep_win) for _, t in s.pairs]
+            rep, layer_losses = representation_loss(states, targets, rep_win.mask, kind=lc.kind,
+                                                    reduction=lc.reduction, projections=projections)
+            loss = loss + rep_weight * rep
+        if need_opd:
+            c0 = opd_win.start - part.prompt_len + 1  # the state at column P-1+j predicts response token j
+            tokens = part.responses[:, c0:c0 + opd_win.mask.shape[1]]
+            opd = OPD_LOSSES[lc.objective](cut(student[L_S], opd_win), cut(teacher[L_T], opd_win), tokens,
+                                           opd_win.mask, _head(s.student, s.device), _head(s.teacher, s.device),
+                                           vocab_size=vocab, k=lc.topk, chunk_size=lc.opd_chunk,
+                                           temperature=cfg.rollout.temperature or 1.0)
+            loss = loss + opd
         # Weight micro-batches so the accumulated gradient equals the full-batch loss's.
-        share = (part.input_ids.shape[0] / B) if cfg.loss.reduction == "sequence" else int(sel.sum()) / total_sel
-        (cfg.loss.coef * loss * share).backward()
-        loss_sum += float(loss.detach()) * share
-        per_layer += layer_losses.float().cpu() * share
-        cos += layer_cosines(states, targets, win.mask, projections).float().cpu() * share
-    return {"loss": cfg.loss.coef * loss_sum, "loss_rep": loss_sum, "layer_loss": per_layer.tolist(),
-            "layer_cos": cos.tolist()}
+        share = (part.input_ids.shape[0] / B) if (lc.reduction == "sequence" and not need_opd) \
+            else int(sel.sum()) / total_sel
+        (loss * share).backward()
+        sums["loss"] += float(loss.detach()) * share
+        if need_rep:
+            sums["loss_rep"] += float(rep.detach()) * share
+            per_layer += layer_losses.float().cpu() * share
+            cos += layer_cosines(states, targets, rep_win.mask, projections).float().cpu() * share
+        if need_opd:
+            sums["loss_opd"] += float(opd.detach()) * share
+    return {**sums, "layer_loss": per_layer.tolist() if need_rep else [],
+            "layer_cos": cos.tolist() if need_rep else []}
 
 
 def save_adapter(s: Setup, path: Path) -> None:
@@ -288,7 +330,9 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
             distinct = distinct_ratio(ro)
             record = {
                 "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"],
-                "cos": sum(figures["layer_cos"]) / len(figures["layer_cos"]), "cos_last": figures["layer_cos"][-1],
+                "loss_opd": figures["loss_opd"],
+                "cos": sum(figures["layer_cos"]) / len(figures["layer_cos"]) if figures["layer_cos"] else None,
+                "cos_last": figures["layer_cos"][-1] if figures["layer_cos"] else None,
                 "layer_cos": [round(c, 5) for c in figures["layer_cos"]],
                 "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
                 "response_len": gen_tokens / ro.input_ids.shape[0],
@@ -308,7 +352,7 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                                        f"lower train.lr or add an output-space term")
             if progress is not None:
                 progress.update(progress.task_ids[0], advance=1,
-                                figures=f"loss {record['loss']:.4g} cos {record['cos']:.3f} "
+                                figures=f"loss {record['loss']:.4g} cos {record['cos'] or 0:.3f} "
                                         f"len {record['response_len']:.0f} {record['tokens_per_s']:.0f} tok/s")
             if nonfinite_in_row >= 3:
                 save_adapter(s, out / "adapter")
@@ -331,9 +375,10 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     }
     atomic_write_json(out / "summary.json", summary)
     _plot(out)
+    cos = "" if summary["first"]["cos"] is None else \
+        f", cos {summary['first']['cos']:.3f} -> {summary['last']['cos']:.3f}"
     log(f"done: {cfg.train.steps} steps in {summary['seconds']:.1f}s ({summary['seconds_per_step']:.2f} s/step); "
-        f"loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}, cos {summary['first']['cos']:.3f} -> "
-        f"{summary['last']['cos']:.3f}; adapter in {out / 'adapter'}")
+        f"loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}{cos}; adapter in {out / 'adapter'}")
     return summary
 
 
