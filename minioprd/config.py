@@ -47,6 +47,8 @@ class ModelConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     teacher_device: str = _f("same", "Device for the teacher: `same` as the student, or e.g. cuda:1 "
                              "(Kaggle 2xT4 puts the teacher on the second card).")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a hub repo (off: only architectures "
+                                 "transformers knows are loaded).")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 on GPUs that support it, fp16 on a T4, fp32 on CPU), "
                     "bf16, fp16 or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
 
@@ -55,7 +57,8 @@ class ModelConfig:
 class LoraConfig:
     """> The student's LoRA adapter (peft)."""
 
-    r: int = _f(16, "LoRA rank. Higher adapts more and costs more memory.", min=1)
+    r: int = _f(16, "LoRA rank. Higher adapts more and costs more memory. 0 = full fine-tuning of the student "
+                "(every weight trains; the run saves a whole model in model/ instead of adapter/).", min=0)
     alpha: int = _f(32, "LoRA alpha (scale = alpha / r).", min=1)
     dropout: float = _f(0.0, "LoRA dropout; 0 keeps rollouts and the update on exactly the same policy.",
                         min=0.0, max=0.9)
@@ -146,8 +149,12 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", min=0.0)
     seed: int = _f(0, "Seed for data order, sampling and initialisation.")
     log_every: int = _f(1, "Write a metrics line every N steps.", min=1)
-    save_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end).", min=0)
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0 = none; the final adapter is always "
+                         "saved).", min=0)
+    keep_checkpoints: int = _f(2, "Keep the newest N checkpoints (0 = all).", min=0)
     threads: int = _f(0, "torch CPU threads (0 = number of cores).", min=0)
+    eval_every: int = _f(0, "Evaluate every N steps (and before the first) with the in-loop evaluator; "
+                         "0 = off.", min=0)
     collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
                                    "(the student is collapsing into repetition).", min=0.0, max=1.0)
 

@@ -19,12 +19,15 @@ The result is a PEFT adapter in `output_dir/adapter/` (plus `projections.safeten
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,7 +36,7 @@ from minioprd import __version__
 from minioprd.capture import capture_hidden, num_layers
 from minioprd.config import Config, to_yaml
 from minioprd.errors import MinioprdError
-from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from minioprd.layers import layer_map, position_mask, state_window
 from minioprd.rollout import Rollout, rollout
 
@@ -104,8 +107,9 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     t_res, s_res = resolve_model(cfg.model.teacher, "teacher"), resolve_model(cfg.model.student, "student")
     log(t_res.note)
     log(s_res.note)
-    tokenizer = load_tokenizer(s_res, "student")
-    teacher_tok = load_tokenizer(t_res, "teacher")
+    trc = cfg.model.trust_remote_code
+    tokenizer = load_tokenizer(s_res, "student", trc)
+    teacher_tok = load_tokenizer(t_res, "teacher", trc)
 
     examples = load_examples(cfg.data.dataset, split=cfg.data.split, field=cfg.data.field,
                              max_rows=0)
@@ -118,9 +122,10 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     log(f"prompts: {len(prompts)} from {cfg.data.dataset}" + (f" ({skipped} longer than "
         f"{cfg.data.max_prompt_tokens} tokens skipped)" if skipped else ""))
 
-    teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device)
+    teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device, trust_remote_code=trc)
     check_tokenizers(tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
-    student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed)
+    student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed,
+                           trust_remote_code=trc)
     n_train, n_total = trainable_parameters(student)
     log(f"student LoRA r={cfg.lora.r}: trainable params {n_train:,} of {n_total:,} "
         f"({100 * n_train / max(n_total, 1):.3f}%)")
@@ -245,51 +250,122 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
             "layer_cos": cos.tolist() if need_rep else []}
 
 
+def final_dir(s: Setup) -> Path:
+    """`adapter/` for a LoRA student, `model/` for a fully fine-tuned one."""
+    return Path(s.cfg.train.output_dir) / ("adapter" if s.cfg.lora.r else "model")
+
+
 def save_adapter(s: Setup, path: Path) -> None:
-    """PEFT adapter + tokenizer + projections + minioprd.json, written atomically."""
+    """PEFT adapter (or the whole model when lora.r=0) + tokenizer + projections + minioprd.json, atomically."""
+    with atomic_dir(path) as tmp:
+        _save_weights(s, tmp)
+
+
+def _save_weights(s: Setup, tmp: Path) -> None:
     from safetensors.torch import save_file
 
+    from minioprd.models import resolve_model
+
     cfg = s.cfg
-    with atomic_dir(path) as tmp:
-        s.student.save_pretrained(tmp)
-        s.tokenizer.save_pretrained(tmp)
-        if len(s.projections):
-            tensors = {f"s{a}_t{b}.weight": p.weight.detach().float().cpu().contiguous()
-                       for (a, b), p in zip(s.pairs, s.projections)}
-            save_file(tensors, str(tmp / "projections.safetensors"))
-        from minioprd.models import resolve_model
-
-        atomic_write_json(tmp / "minioprd.json", {
-            "format": 1, "minioprd_version": __version__, "student": cfg.model.student,
-            "student_path": resolve_model(cfg.model.student, "student").path,
-            "student_quant": cfg.model.student_quant, "teacher": cfg.model.teacher,
-            "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)),
-            "loss": cfg.loss.kind, "convention": cfg.loss.convention,
-        })
+    s.student.save_pretrained(tmp)
+    s.tokenizer.save_pretrained(tmp)
+    if len(s.projections):
+        tensors = {f"s{a}_t{b}.weight": p.weight.detach().float().cpu().contiguous()
+                   for (a, b), p in zip(s.pairs, s.projections)}
+        save_file(tensors, str(tmp / "projections.safetensors"))
+    atomic_write_json(tmp / "minioprd.json", {
+        "format": 1, "minioprd_version": __version__, "student": cfg.model.student,
+        "student_path": resolve_model(cfg.model.student, "student").path,
+        "student_quant": cfg.model.student_quant, "teacher": cfg.model.teacher,
+        "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)),
+        "loss": cfg.loss.kind, "convention": cfg.loss.convention, "full_finetune": cfg.lora.r == 0,
+    })
 
 
-def _check_output_dir(out: Path, force: bool) -> None:
-    if (out / "metrics.jsonl").exists() or (out / "adapter").exists():
-        if not force:
-            raise MinioprdError(f"output dir {str(out)!r} already holds a run: pass a new --output-dir, or "
-                                f"--force to overwrite it")
+def _run_state(out: Path, cfg: Config, force: bool, resume: bool, log: Any) -> tuple[Path | None, bool]:
+    """Decide what to do with an output dir: (checkpoint to resume from, already finished?).
+
+    A new dir starts fresh. A dir holding a run is resumed from its last good checkpoint when `resume` is
+    asked, or when the same command (identical config.yaml) is run again; `force` starts over; anything
+    else is refused, so nothing written earlier is lost.
+    """
+    from minioprd.checkpoint import latest_valid
+
+    held = (out / "metrics.jsonl").exists() or (out / "adapter").exists() or (out / "model").exists() \
+        or (out / "checkpoints").exists()
+    if not held:
+        if resume:
+            raise MinioprdError(f"nothing to resume in {str(out)!r}: it holds no run (start it without --resume)")
+        return None, False
+    if force:  # start over; the old adapter/ stays until the new one replaces it atomically
         for name in ("metrics.jsonl", "metrics.png", "summary.json"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return None, False
+    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == to_yaml(cfg)
+    if not (resume or same):
+        raise MinioprdError(f"output dir {str(out)!r} already holds a run with another config: pass a new "
+                            f"--output-dir, --resume {out} to continue it, or --force to overwrite it")
+    if (out / "summary.json").is_file() and same:
+        return None, True
+    ckpt = latest_valid(out, log)
+    if ckpt is None:
+        raise MinioprdError(f"the run in {str(out)!r} has no usable checkpoint to resume from (set "
+                            f"train.save_every to write them): pass --force to start it over")
+    return ckpt, False
 
 
-def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup | None = None) -> dict[str, Any]:
+class _Interrupts:
+    """First Ctrl-C/SIGTERM: finish the current step, checkpoint, stop. Second: exit at once.
+
+    Every file is written atomically, so even the immediate exit leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, log: Any):
+        self.requested, self.log, self.saved = None, log, {}
+
+    def __enter__(self) -> "_Interrupts":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (e.g. not in a notebook worker)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested is not None:
+            os._exit(130)  # second signal: no cleanup; files on disk are whole by construction
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: finishing this step, then saving a checkpoint (press again to quit now)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup | None = None,
+            evaluator: Callable[[Setup, int], dict[str, float]] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run OPRD as configured; returns a summary (also written to output_dir/summary.json).
 
     `setup` (from `prepare(cfg)`) lets a notebook reuse loaded models; it is trained in place.
+    `evaluator(setup, step)` is called before the first step and every `train.eval_every` steps; its figures
+    go into that step's metrics line as `eval/<name>` (step 0 gets a line of its own).
+    `resume` continues from the output dir's last checkpoint (running the same config again does too).
     """
-    log = (lambda m: console.print(m, markup=False, highlight=False)) if console is not None else (lambda m: None)
+    from minioprd.checkpoint import load_checkpoint, prune, save_checkpoint
+    from minioprd.data import PromptSampler
+
+    log = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None \
+        else (lambda m: None)
     out = Path(cfg.train.output_dir)
-    _check_output_dir(out, force)
+    ckpt, finished = _run_state(out, cfg, force, resume, log)
+    if finished:
+        log(f"the run in {out} is already complete (summary.json); use --force to run it again")
+        return json.loads((out / "summary.json").read_text())
     s = setup or prepare(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
-
-    from minioprd.data import PromptSampler
 
     params = [p for p in s.student.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": cfg.train.lr}]
@@ -298,91 +374,145 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    counters = {"nonfinite_in_row": 0, "nonfinite_total": 0, "elapsed_before": 0.0}
+    first_step = 1
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, s.student, s.projections, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        counters.update(state["counters"])
+        first_step = state["step"] + 1
+        # lines of steps after the checkpoint were lost with the crash: they are recomputed identically
+        rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        log(f"resuming from {ckpt} (step {state['step']} of {cfg.train.steps})")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
     s.student.train()
 
-    progress = _progress(console, cfg.train.steps)
-    t_start, nonfinite_in_row, nonfinite_total, history = time.time(), 0, 0, []
+    def checkpoint(step: int) -> Path:
+        path = out / "checkpoints" / f"step-{step:06d}"
+        save_checkpoint(path, lambda d: _save_weights(s, d), optimizer, scheduler,
+                        {"step": step, "sampler": sampler.state_dict(),
+                         "counters": {**counters, "elapsed_before": counters["elapsed_before"] + time.time() - t_start}})
+        prune(out, cfg.train.keep_checkpoints)
+        return path
+
+    def run_eval(step: int) -> dict[str, float]:
+        if evaluator is None or not cfg.train.eval_every:
+            return {}
+        was_training = s.student.training
+        figures = {f"eval/{k}": v for k, v in evaluator(s, step).items()}
+        s.student.train(was_training)
+        return figures
+
+    t_start = time.time()
+    if first_step == 1:
+        initial = run_eval(0)
+        if initial:
+            append_jsonl(out / "metrics.jsonl", {"step": 0, **initial})
+    progress = _progress(console, cfg.train.steps, first_step - 1)
+    history: list[dict[str, Any]] = []
+    step = first_step - 1
     try:
-        for step in range(1, cfg.train.steps + 1):
-            t0 = time.time()
-            idx = sampler.next_batch(cfg.rollout.prompts_per_step)
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # rollouts reproducible step by step
-            ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                         max_new_tokens=cfg.rollout.max_new_tokens)
-            t1 = time.time()
-            figures = update_step(s, ro)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params + list(s.projections.parameters()), cfg.train.grad_clip if cfg.train.grad_clip > 0
-                else float("inf"))
-            finite = math.isfinite(figures["loss"]) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                nonfinite_in_row = 0
-            else:  # skip the update: one bad sample must not poison the adapter
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-            optimizer.zero_grad(set_to_none=True)
-            lr_now = scheduler.get_last_lr()[0]
-            scheduler.step()
-            t2 = time.time()
-            gen_tokens = int(ro.response_mask.sum())
-            distinct = distinct_ratio(ro)
-            record = {
-                "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"],
-                "loss_opd": figures["loss_opd"],
-                "cos": sum(figures["layer_cos"]) / len(figures["layer_cos"]) if figures["layer_cos"] else None,
-                "cos_last": figures["layer_cos"][-1] if figures["layer_cos"] else None,
-                "layer_cos": [round(c, 5) for c in figures["layer_cos"]],
-                "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
-                "response_len": gen_tokens / ro.input_ids.shape[0],
-                "eos_frac": float((ro.response_mask.sum(1) < ro.response_mask.shape[1]).float().mean())
-                if ro.response_mask.shape[1] else 0.0,
-                "distinct": distinct, "collapse_warning": distinct < cfg.train.collapse_threshold,
-                "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": nonfinite_total,
-                "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
-                "step_s": t2 - t0, "elapsed_s": t2 - t_start,
-            }
-            history.append(record)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                append_jsonl(out / "metrics.jsonl", record)
-            if record["collapse_warning"] and console is not None:
-                progress.console.print(f"[yellow]warning:[/yellow] step {step}: rollouts are repeating themselves "
-                                       f"(distinct-token ratio {distinct:.2f} < {cfg.train.collapse_threshold}); "
-                                       f"lower train.lr or add an output-space term")
-            if progress is not None:
-                progress.update(progress.task_ids[0], advance=1,
-                                figures=f"loss {record['loss']:.4g} cos {record['cos'] or 0:.3f} "
-                                        f"len {record['response_len']:.0f} {record['tokens_per_s']:.0f} tok/s")
-            if nonfinite_in_row >= 3:
-                save_adapter(s, out / "adapter")
-                raise MinioprdError(f"the loss or gradient was not finite for 3 steps in a row (step {step}); the "
-                                    f"last good adapter is saved in {out / 'adapter'}: lower train.lr, keep "
-                                    f"train.grad_clip on, or use loss.kind=scale_mse")
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                save_adapter(s, out / "checkpoints" / f"step-{step:06d}")
+        with _Interrupts(log if progress is None else progress.console.print) as interrupts:
+            for step in range(first_step, cfg.train.steps + 1):
+                try:
+                    record = _train_step(s, cfg, step, sampler, optimizer, scheduler, params, counters)
+                except torch.cuda.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    path = checkpoint(step - 1) if step > 1 else None
+                    raise MinioprdError(
+                        f"out of GPU memory at step {step}" + (f" (state before it saved in {path}; resume with "
+                        f"--resume {out})" if path else "") + ": lower rollout.max_new_tokens or "
+                        "rollout.prompts_per_step, set rollout.micro_batch, turn on lora.gradient_checkpointing, use "
+                        "loss.positions=last_k, or model.student_quant=4bit") from None
+                record["elapsed_s"] = counters["elapsed_before"] + time.time() - t_start
+                if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                    record.update(run_eval(step))
+                history.append(record)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    append_jsonl(out / "metrics.jsonl", record)
+                if record["collapse_warning"] and console is not None:
+                    progress.console.print(
+                        f"[yellow]warning:[/yellow] step {step}: rollouts are repeating themselves (distinct-token "
+                        f"ratio {record['distinct']:.2f} < {cfg.train.collapse_threshold}); lower train.lr or add an "
+                        f"output-space term")
+                if progress is not None:
+                    progress.update(progress.task_ids[0], advance=1,
+                                    figures=f"loss {record['loss']:.4g} cos {record['cos'] or 0:.3f} "
+                                            f"len {record['response_len']:.0f} {record['tokens_per_s']:.0f} tok/s")
+                if counters["nonfinite_in_row"] >= 3:
+                    path = checkpoint(step)  # the weights are those of the last good step: bad steps were skipped
+                    raise MinioprdError(f"the loss or gradient was not finite for 3 steps in a row (step {step}); "
+                                        f"the last good state is saved in {path}: lower train.lr, keep "
+                                        f"train.grad_clip on, or use loss.kind=scale_mse")
+                if interrupts.requested:
+                    path = checkpoint(step)
+                    raise MinioprdError(f"stopped by {interrupts.requested} after step {step}; checkpoint saved in "
+                                        f"{path}: continue with `minioprd distill --resume {out}`")
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                    checkpoint(step)
     finally:
         if progress is not None:
             progress.stop()
-    save_adapter(s, out / "adapter")
+    save_adapter(s, final_dir(s))
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) >= 1]
+    total = counters["elapsed_before"] + time.time() - t_start
     summary = {
-        "steps": cfg.train.steps, "seconds": time.time() - t_start,
-        "seconds_per_step": (time.time() - t_start) / cfg.train.steps,
-        "first": {k: history[0][k] for k in ("loss", "cos", "response_len", "distinct")},
-        "last": {k: history[-1][k] for k in ("loss", "cos", "response_len", "distinct")},
-        "nonfinite_steps": nonfinite_total, "skipped_prompts": s.skipped_prompts,
-        "adapter": str(out / "adapter"),
+        "steps": cfg.train.steps, "seconds": total, "seconds_per_step": total / cfg.train.steps,
+        "first": {k: rows[0].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
+        "last": {k: rows[-1].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
+        "nonfinite_steps": counters["nonfinite_total"], "skipped_prompts": s.skipped_prompts,
+        "adapter": str(final_dir(s)), "resumed_from": str(ckpt) if ckpt else None,
     }
     atomic_write_json(out / "summary.json", summary)
     _plot(out)
-    cos = "" if summary["first"]["cos"] is None else \
+    cos = "" if not rows or rows[0].get("cos") is None else \
         f", cos {summary['first']['cos']:.3f} -> {summary['last']['cos']:.3f}"
-    log(f"done: {cfg.train.steps} steps in {summary['seconds']:.1f}s ({summary['seconds_per_step']:.2f} s/step); "
-        f"loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}{cos}; adapter in {out / 'adapter'}")
+    log(f"done: {cfg.train.steps} steps in {summary['seconds']:.1f}s ({summary['seconds_per_step']:.2f} s/step)"
+        + (f"; loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}" if rows else "")
+        + f"{cos}; saved in {final_dir(s)}")
     return summary
 
 
-def _progress(console: Any, total: int) -> Any:
+def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, scheduler: Any,
+                params: list[torch.Tensor], counters: dict[str, Any]) -> dict[str, Any]:
+    """rollout -> teacher targets -> loss -> (skip if not finite) step; returns the metrics line."""
+    t0 = time.time()
+    idx = sampler.next_batch(cfg.rollout.prompts_per_step)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # rollouts reproducible step by step (and on resume)
+    ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
+                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens)
+    t1 = time.time()
+    figures = update_step(s, ro)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params + list(s.projections.parameters()),
+                                               cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+    if math.isfinite(figures["loss"]) and bool(torch.isfinite(grad_norm)):
+        optimizer.step()
+        counters["nonfinite_in_row"] = 0
+    else:  # skip the update: one bad sample must not poison the adapter
+        counters["nonfinite_in_row"] += 1
+        counters["nonfinite_total"] += 1
+    optimizer.zero_grad(set_to_none=True)
+    lr_now = scheduler.get_last_lr()[0]
+    scheduler.step()
+    t2 = time.time()
+    gen_tokens = int(ro.response_mask.sum())
+    distinct = distinct_ratio(ro)
+    layer_cos = figures["layer_cos"]
+    return {
+        "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"], "loss_opd": figures["loss_opd"],
+        "cos": sum(layer_cos) / len(layer_cos) if layer_cos else None, "cos_last": layer_cos[-1] if layer_cos else None,
+        "layer_cos": [round(c, 5) for c in layer_cos], "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
+        "response_len": gen_tokens / ro.input_ids.shape[0],
+        "eos_frac": float((ro.response_mask.sum(1) < ro.response_mask.shape[1]).float().mean()),
+        "distinct": distinct, "collapse_warning": distinct < cfg.train.collapse_threshold,
+        "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": counters["nonfinite_total"],
+        "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
+    }
+
+
+def _progress(console: Any, total: int, done: int = 0) -> Any:
     if console is None:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -390,7 +520,7 @@ def _progress(console: Any, total: int) -> Any:
 
     p = Progress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[figures]}"),
                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-    p.add_task("distill", total=total, figures="")
+    p.add_task("distill", total=total, completed=done, figures="")
     p.start()
     return p
 

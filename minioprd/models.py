@@ -134,12 +134,12 @@ def _from_pretrained(path: str, role: str, **kw: Any) -> Any:
 
 
 def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None) -> Any:
+                 dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Any:
     """The frozen teacher: eval mode, no gradients (callers also run it under torch.no_grad())."""
     device = torch.device(device)
     # bf16 compute for 4-bit is the issue's default everywhere; unquantized weights are bf16 on GPU, fp32 on CPU.
     compute = dtype or (torch.bfloat16 if device.type == "cuda" or quant == "4bit" else torch.float32)
-    kw: dict[str, Any] = {"device_map": {"": str(device)}}
+    kw: dict[str, Any] = {"device_map": {"": str(device)}, "trust_remote_code": trust_remote_code}
     qc = quantization_config(quant, compute)
     if qc is not None:
         kw["quantization_config"] = qc
@@ -152,13 +152,13 @@ def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.dev
 
 
 def load_student(resolved: ResolvedModel, lora: Any, quant: str = "none", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, trust_remote_code: bool = False) -> Any:
     """The student: base weights frozen (optionally 4-bit, i.e. QLoRA) with a trainable LoRA adapter."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     device = torch.device(device)
-    kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype}
+    kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype, "trust_remote_code": trust_remote_code}
     qc = quantization_config(quant, dtype if dtype != torch.float32 else torch.bfloat16)
     if qc is not None:
         kw["quantization_config"] = qc
@@ -168,6 +168,11 @@ def load_student(resolved: ResolvedModel, lora: Any, quant: str = "none", device
     elif lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if lora.r == 0:  # full fine-tuning: a reference point (the paper's setting), not what a T4 can hold
+        if qc is not None:
+            raise MinioprdError("full fine-tuning (lora.r=0) needs an unquantized student: set model.student_quant=none")
+        model.requires_grad_(True)
+        return model
     targets = lora.target_modules
     torch.manual_seed(seed)  # LoRA A matrices are random: seed them for reproducible runs
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
@@ -186,11 +191,11 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_tokenizer(resolved: ResolvedModel, role: str = "student") -> Any:
+def load_tokenizer(resolved: ResolvedModel, role: str = "student", trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path)
+        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MinioprdError(f"could not load the {role} tokenizer from {resolved.path!r}: {first}") from None

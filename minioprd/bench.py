@@ -1,0 +1,232 @@
+"""`minioprd bench update`: the cost of one update step per objective, side by side (paper Table 3).
+
+For each objective, on identical fixed rollouts and precomputed teacher targets at the real shapes of a
+chosen student (random weights, LoRA on all linear layers): time and peak-memory increase of the student's
+forward + loss + backward + optimizer step. The teacher is of the student's architecture (the paper's
+same-architecture setting), so no projections. CPU: each objective runs in a fresh subprocess and the peak
+RSS increase is read from /proc (VmHWM after resetting it); CUDA: `torch.cuda.max_memory_allocated` increase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Real shapes (config.json of each model on the hub): layers, hidden, mlp, heads, kv heads, head_dim, vocab, tied.
+ARCHS: dict[str, tuple[str, int, int, int, int, int, int | None, int, bool]] = {
+    "qwen2.5-0.5b": ("qwen2", 24, 896, 4864, 14, 2, None, 151936, True),
+    "qwen2.5-1.5b": ("qwen2", 28, 1536, 8960, 12, 2, None, 151936, True),
+    "qwen2.5-3b": ("qwen2", 36, 2048, 11008, 16, 2, None, 151936, True),
+    "qwen2.5-7b": ("qwen2", 28, 3584, 18944, 28, 4, None, 152064, False),
+    "qwen3-0.6b": ("qwen3", 28, 1024, 3072, 16, 8, 128, 151936, True),
+    "qwen3-1.7b": ("qwen3", 28, 2048, 6144, 16, 8, 128, 151936, True),
+    "qwen3-4b": ("qwen3", 36, 2560, 9728, 32, 8, 128, 151936, True),
+    "qwen3-8b": ("qwen3", 36, 4096, 12288, 32, 8, 128, 151936, False),
+    "tiny": ("qwen2", 2, 64, 128, 4, 2, None, 512, True),
+}
+OBJECTIVES = ("oprd", "opd_sampled", "opd_topk", "opd_full")
+
+
+def build_config(arch: str) -> Any:
+    from transformers import Qwen2Config, Qwen3Config
+
+    family, L, d, mlp, heads, kv, head_dim, vocab, tied = ARCHS[arch]
+    kw = dict(vocab_size=vocab, hidden_size=d, intermediate_size=mlp, num_hidden_layers=L, num_attention_heads=heads,
+              num_key_value_heads=kv, tie_word_embeddings=tied, max_position_embeddings=32768)
+    return Qwen3Config(head_dim=head_dim, **kw) if family == "qwen3" else Qwen2Config(**kw)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response_len: int, steps: int,
+                device: str, seed: int = 0, topk: int = 16, chunk: int = 512, lora_r: int = 16,
+                threads: int = 0) -> dict[str, Any]:
+    """One objective, in this process: returns seconds per update and peak-memory increase in MB."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from minioprd.capture import capture_hidden
+    from minioprd.losses import OPD_LOSSES, representation_loss
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = build_config(arch)
+    with torch.device(dev):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    student = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
+    student.train()
+    L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    T = prompt_len + response_len
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (batch, T), generator=g).to(dev)
+    attn = torch.ones_like(ids)
+    pos = torch.arange(T, device=dev).expand(batch, T)
+    lengths = torch.randint(response_len // 2, response_len + 1, (batch,), generator=g)
+    mask = (torch.arange(response_len).unsqueeze(0) < lengths.unsqueeze(1)).to(dev)  # (B, R) ragged
+    start, stop = prompt_len - 1, prompt_len - 1 + response_len  # predict convention
+    tokens = ids[:, prompt_len:]
+    # precomputed teacher targets: every layer for oprd, the final state (+ a frozen head) for OPD
+    targets = [torch.randn(batch, response_len, D, generator=g).to(dev, dtype) for _ in range(L)] \
+        if objective == "oprd" else [torch.randn(batch, response_len, D, generator=g).to(dev, dtype)]
+    t_head = torch.nn.Linear(D, V, bias=False).to(dev, dtype).requires_grad_(False)
+    s_head = student.get_output_embeddings()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def update() -> None:
+        if objective == "oprd":
+            states = capture_hidden(student, ids, attn, pos, list(range(1, L + 1)), start, stop)
+            loss, _ = representation_loss([h.float() for h in states], targets, mask, kind="scale_mse")
+        else:
+            (h,) = capture_hidden(student, ids, attn, pos, [L], start, stop)
+            loss = OPD_LOSSES[objective](h.float(), targets[0], tokens, mask,
+                                         lambda x: s_head(x.to(dtype)), lambda x: t_head(x.to(dtype)),
+                                         vocab_size=V, k=topk, chunk_size=chunk)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times, peaks = [], []
+    for _ in range(steps + 1):  # the first step allocates optimizer state: a warm-up, not measured
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            _reset_peak()
+            before = _rss_kb("VmRSS") * 1024
+        t0 = time.perf_counter()
+        update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            peak = _rss_kb("VmHWM") * 1024 - before
+        times.append(time.perf_counter() - t0)
+        peaks.append(peak / 2**20)
+    return {"objective": objective, "arch": arch, "device": device, "batch": batch, "prompt_len": prompt_len,
+            "response_len": response_len, "seconds": sum(times[1:]) / steps, "peak_increase_mb": max(peaks[1:]),
+            "steps": steps, "topk": topk, "chunk": chunk}
+
+
+def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = OBJECTIVES, batch: int = 4,
+                     prompt_len: int = 64, response_len: int = 512, steps: int = 1, device: str = "cpu",
+                     topk: int = 16, chunk: int = 512, threads: int = 0, log: Any = print) -> dict[str, Any]:
+    """Each objective in a fresh subprocess (so CPU peak RSS is its own); ratios against oprd."""
+    from minioprd.errors import MinioprdError
+
+    if arch not in ARCHS:
+        raise MinioprdError(f"unknown --student shape {arch!r}: known are {', '.join(ARCHS)}")
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        raise MinioprdError(f"unknown objective(s) {bad}: choose from {', '.join(OBJECTIVES)}")
+    rows = []
+    for obj in objectives:
+        args = dict(arch=arch, objective=obj, batch=batch, prompt_len=prompt_len, response_len=response_len,
+                    steps=steps, device=device, topk=topk, chunk=chunk, threads=threads)
+        code = ("import json,sys; from minioprd.bench import measure_one; "
+                f"print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+        if proc.returncode != 0 or line is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MinioprdError(f"bench of {obj} failed: {tail}")
+        rows.append(json.loads(line[6:]))
+        log(f"{obj}: {rows[-1]['seconds']:.2f} s/update, +{rows[-1]['peak_increase_mb']:.0f} MB peak")
+    ref = next((r for r in rows if r["objective"] == "oprd"), None)
+    for r in rows:
+        if ref:
+            r["time_vs_oprd"] = r["seconds"] / ref["seconds"]
+            r["memory_vs_oprd"] = r["peak_increase_mb"] / max(ref["peak_increase_mb"], 1e-9)
+    return {"bench": "update", "arch": arch, "device": device, "threads": threads or os.cpu_count(),
+            "machine": _machine(device), "rows": rows}
+
+
+def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: int = 64, new_tokens: int = 64,
+                      device: str = "cpu", repeats: int = 2, threads: int = 0, log: Any = print) -> dict[str, Any]:
+    """Generated tokens/s of minioprd's rollout vs a bare `generate` on the same LoRA model and prompts,
+    and with the LoRA weights merged for the rollout (unmerged after)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from minioprd.rollout import rollout
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    cfg = build_config(arch)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    with torch.device(dev):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+
+    class Tok:  # just enough tokenizer for rollout(): left padding of equal-length prompts
+        pad_token_id, eos_token_id = 0, None
+
+        def pad(self, batch: dict, **_: Any) -> dict:
+            t = torch.tensor(batch["input_ids"])
+            return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=g)
+    model.generation_config.eos_token_id = None  # random weights: never stop early, equal work per variant
+
+    def bare() -> int:
+        out = model.generate(input_ids=prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
+                             pad_token_id=0, use_cache=True)
+        return out.shape[1] - prompt_len
+
+    def ours() -> int:
+        return int(rollout(model, Tok(), prompts.tolist(), n=1, max_new_tokens=new_tokens).response_mask.sum())
+
+    def merged() -> int:
+        model.merge_adapter()
+        try:
+            return ours()
+        finally:
+            model.unmerge_adapter()
+
+    res = {}
+    for name, fn in (("bare_generate", bare), ("minioprd_rollout", ours), ("rollout_lora_merged", merged)):
+        fn()  # warm-up
+        t0, toks = time.perf_counter(), 0
+        for _ in range(repeats):
+            toks += fn() * (batch if name == "bare_generate" else 1)
+        res[name] = toks / (time.perf_counter() - t0)
+        log(f"{name}: {res[name]:.1f} tokens/s")
+    return {"bench": "rollout", "arch": arch, "device": device, "machine": _machine(device), "tokens_per_s": res,
+            "overhead_vs_bare": res["bare_generate"] / res["minioprd_rollout"] - 1,
+            "merged_speedup": res["rollout_lora_merged"] / res["minioprd_rollout"]}
+
+
+def _machine(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

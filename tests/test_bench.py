@@ -1,0 +1,34 @@
+"""`minioprd bench` runs in a tiny configuration and writes well-formed JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from minioprd.cli import app
+
+
+def test_bench_update_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(app, ["bench", "update", "--student", "tiny", "--batch", "2", "--prompt-len", "4",
+                                 "--response-len", "8", "--objectives", "oprd,opd_topk", "--threads", "1",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert [row["objective"] for row in res["rows"]] == ["oprd", "opd_topk"]
+    for row in res["rows"]:
+        assert row["seconds"] > 0 and row["peak_increase_mb"] >= 0
+    assert res["rows"][0]["time_vs_oprd"] == 1.0
+    assert "time vs oprd" in r.stdout
+
+
+def test_bench_rollout_and_bad_input(tmp_path):
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--batch", "2", "--prompt-len", "4",
+                                 "--response-len", "6", "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res["tokens_per_s"]) == {"bare_generate", "minioprd_rollout", "rollout_lora_merged"}
+    r = CliRunner().invoke(app, ["bench", "update", "--student", "gpt-9"])
+    assert r.exit_code == 2 and "unknown --student shape" in r.stderr
