@@ -150,6 +150,9 @@ def distill(
     = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an output dir that holds another run.")]
     = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the run in this directory from its last checkpoint (its config.yaml; flags "
+                         "such as --steps still apply).")] = None,
 ) -> None:
     """Distill a teacher into a LoRA student on the student's own rollouts (OPRD).
 
@@ -163,12 +166,195 @@ def distill(
         from minioprd.distill import distill as run_distill
         from minioprd.distill import describe
 
+        from minioprd.errors import MinioprdError
+
         flags = {_FLAG_KEYS[k]: v for k, v in values.items() if k in _FLAG_KEYS and v is not None}
-        cfg = load_config(recipe, {**flags, **parse_overrides(values["overrides"] or [])})
+        source = recipe
+        if resume is not None:
+            if not (resume / "config.yaml").is_file():
+                raise MinioprdError(f"--resume {resume}: no config.yaml there, so it is not a minioprd run directory")
+            source, flags = resume / "config.yaml", {**flags, "train.output_dir": str(resume)}
+        cfg = load_config(source, {**flags, **parse_overrides(values["overrides"] or [])})
         if dry_run:
             describe(cfg, console)
             return
-        run_distill(cfg, console=console, force=force)
+        run_distill(cfg, console=console, force=force, resume=resume is not None)
+
+    run(go)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="Model to evaluate, repeatable: name/hub id/dir, an adapter or run dir, BASE+ADAPTER; "
+        "add @4bit to load it in 4 bit.", show_default=False)] = None,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Hub data set, local jsonl/json/parquet/csv, or "
+                                         "builtin:arithmetic.", show_default=False)] = "",
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Where samples.jsonl and summary.json go; "
+                                            "rerun with the same dir to resume.", show_default=False)] = "",
+    preset: Annotated[Optional[str], typer.Option(help="Data format: aime24, aime25, amc23, aimo, math500, minerva, "
+                                                  "olympiad, math-train, dapo, matharena, gsm8k.")] = None,
+    split: Annotated[str, typer.Option(help="Split of a hub data set.")] = "test",
+    field: Annotated[str, typer.Option(help="Problem column (default: the preset's, or auto-detect).")] = "auto",
+    answer_field: Annotated[str, typer.Option(help="Answer column; dotted names read a struct "
+                                              "(reward_model.ground_truth).")] = "auto",
+    k: Annotated[int, typer.Option("--k", "-k", help="Samples per problem (avg@k, pass@k, maj@k).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper's 0.7).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (the paper's 0.95).")] = 0.95,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (then k must be 1).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per response.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Sequences per generate call.")] = 16,
+    prompt_suffix: Annotated[Optional[str], typer.Option(help="Text after each problem (default: the preset's, "
+                                                         "else the paper's boxed instruction; '' for none).",
+                                                         show_default=False)] = None,
+    chat_template: Annotated[str, typer.Option(help="auto, true or false.")] = "auto",
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts are skipped (and counted).")] = 4096,
+    max_problems: Annotated[int, typer.Option(help="Only the first N problems (0 = all).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    teacher: Annotated[Optional[str], typer.Option(help="Alignment mode: the teacher to compare the student "
+                                                   "with.", show_default=False)] = None,
+    student: Annotated[Optional[str], typer.Option(help="Alignment mode: the student (a model, or a run/adapter "
+                                                   "dir).", show_default=False)] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="Alignment mode: the run's adapter (or run dir).",
+                                                   show_default=False)] = None,
+    teacher_quant: Annotated[str, typer.Option(help="Alignment mode: teacher weights, 4bit, 8bit or none.")]
+    = "4bit",
+    layers: Annotated[str, typer.Option(help="Alignment mode without a run: student layers to compare "
+                                        "(all, last, even, odd).")] = "all",
+) -> None:
+    """Evaluate models on a math set (accuracy, pass@k, length, repetition), or a student's alignment to its
+    teacher (per-layer cosine, reverse KL) with --teacher.
+
+    [bold]minioprd eval -m Qwen2.5-0.5B -m runs/x -d AIME24/test.parquet --preset aime24 -k 16 -o runs/x/eval[/bold]
+    [bold]minioprd eval --teacher Qwen2.5-7B --adapter runs/x --dataset prompts.jsonl -o runs/x/align[/bold]
+    """
+
+    def go() -> None:
+        from minioprd.errors import MinioprdError
+
+        if not dataset:
+            raise MinioprdError("pass --dataset (a local file, a hub data set or builtin:arithmetic)")
+        if not output_dir:
+            raise MinioprdError("pass --output-dir DIR (a rerun with the same DIR resumes)")
+        _quiet_libraries()
+        if teacher or student or adapter:
+            if model:
+                raise MinioprdError("--model is for task accuracy, --teacher/--student/--adapter for alignment: "
+                                    "run them as two commands")
+            if not teacher:
+                raise MinioprdError("alignment mode needs --teacher MODEL")
+            from minioprd.evaluate import align
+
+            align(teacher, dataset, output_dir, student=student, adapter=adapter, split=split, preset=preset,
+                  field=field, max_problems=max_problems, temperature=temperature, greedy=greedy,
+                  max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_suffix=prompt_suffix,
+                  chat_template=chat_template, max_prompt_tokens=max_prompt_tokens, teacher_quant=teacher_quant,
+                  layers=layers, device=device, dtype=dtype, seed=seed, console=console)
+            return
+        if not model:
+            raise MinioprdError("pass --model at least once (or --teacher/--student for alignment)")
+        from minioprd.evaluate import evaluate
+
+        evaluate(model, dataset, output_dir, split=split, preset=preset, field=field, answer_field=answer_field,
+                 k=k, temperature=temperature, top_p=top_p, greedy=greedy, max_new_tokens=max_new_tokens,
+                 batch_size=batch_size, prompt_suffix=prompt_suffix, chat_template=chat_template,
+                 max_prompt_tokens=max_prompt_tokens, max_problems=max_problems, device=device, dtype=dtype,
+                 seed=seed, console=console)
+
+    run(go)
+
+
+@app.command("bench")
+def bench(
+    what: Annotated[str, typer.Argument(help="update (per-objective update cost, paper Table 3) or rollout "
+                                             "(tokens/s vs bare generate, with and without merged LoRA).")],
+    student: Annotated[str, typer.Option(help="Student shape (random weights at the real config): qwen2.5-0.5b, "
+                                              "-1.5b, -3b, -7b, qwen3-0.6b, -1.7b, -4b, -8b, tiny.")]
+    = "qwen2.5-0.5b",
+    objectives: Annotated[str, typer.Option(help="Comma-separated objectives for `update`.")]
+    = "oprd,opd_sampled,opd_topk,opd_full",
+    batch: Annotated[int, typer.Option(help="Sequences per update / prompts per rollout.")] = 4,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
+    response_len: Annotated[int, typer.Option(help="Response tokens (update) / new tokens (rollout).")] = 512,
+    steps: Annotated[int, typer.Option(help="Measured updates per objective (after one warm-up).")] = 1,
+    topk: Annotated[int, typer.Option(help="k of opd_topk.")] = 16,
+    chunk: Annotated[int, typer.Option(help="Rows per OPD logits chunk.")] = 512,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")]
+    = None,
+) -> None:
+    """Measure costs side by side in one run and print ratios (never a test: timings need a quiet machine)."""
+
+    def go() -> None:
+        _quiet_libraries()
+        from rich.table import Table
+
+        from minioprd.bench import run_rollout_bench, run_update_bench
+        from minioprd.errors import MinioprdError
+        from minioprd.files import atomic_write_json
+
+        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        if what == "update":
+            res = run_update_bench(student, tuple(o.strip() for o in objectives.split(",") if o.strip()), batch,
+                                   prompt_len, response_len, steps, device, topk, chunk, threads, log=say)
+            table = Table(title=f"update step, {student} shape, {batch} x {response_len} tokens, {res['machine']}")
+            for col in ("objective", "s/update", "peak +MB", "time vs oprd", "memory vs oprd"):
+                table.add_column(col, justify="right")
+            for r in res["rows"]:
+                table.add_row(r["objective"], f"{r['seconds']:.2f}", f"{r['peak_increase_mb']:.0f}",
+                              f"{r.get('time_vs_oprd', float('nan')):.2f}x",
+                              f"{r.get('memory_vs_oprd', float('nan')):.2f}x")
+            console.print(table)
+        elif what == "rollout":
+            res = run_rollout_bench(student, batch, prompt_len, response_len, device, threads=threads, log=say)
+            say(f"rollout overhead vs bare generate: {100 * res['overhead_vs_bare']:+.1f}%; merged LoRA: "
+                f"{res['merged_speedup']:.2f}x tokens/s")
+        else:
+            raise MinioprdError(f"unknown bench {what!r}: choose update or rollout")
+        if output is not None:
+            atomic_write_json(output, res)
+            say(f"wrote {output}")
+
+    run(go)
+
+
+@app.command("merge")
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="A run's adapter dir (RUN_DIR/adapter) or the run "
+                                         "dir itself.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the standalone model.",
+                                        show_default=False)],
+    base: Annotated[Optional[str], typer.Option(help="Base model (dir, hub id or name); default: the run's "
+                                                "student, else the adapter's base_model_name_or_path.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights of the exported model: bf16, fp16 or fp32.")] = "bf16",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload the export and compare its logits "
+                                         "with base+adapter (fails above the dtype's tolerance).")] = True,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB, 5GB.")] = "2GB",
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also upload the verified directory "
+                                                       "to this hub repo (USER/NAME).", show_default=False)] = None,
+) -> None:
+    """Merge a LoRA adapter into its base and write a standalone model (no peft needed to load it).
+
+    [bold]minioprd merge --adapter runs/x/adapter --output merged/x --dtype bf16[/bold]
+    """
+
+    def go() -> None:
+        _quiet_libraries()
+        from minioprd.merge import merge_adapter
+
+        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        r = merge_adapter(adapter, output, base=base, dtype=dtype, force=force, verify=verify,
+                          max_shard_size=max_shard_size, push_to_hub=push_to_hub, log=say)
+        check = (f"max |Δlogit| {r['max_abs_diff']:.3g} ≤ {r['tolerance']:.3g}" if r["verified"]
+                 else "not verified (--no-verify)")
+        say(f"merged: {r['output']}  ({r['dtype']}{', from a dequantized 4-bit base' if r['dequantized'] else ''}, "
+            f"{r['size_bytes'] / 1e9:.2f} GB in {r['shards']} shard(s); {check}; {r['seconds']:.0f} s, "
+            f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB, of which {r['peak_anon_mb'] / 1024:.1f} GiB not "
+            f"file-backed)")
 
     run(go)
 
