@@ -134,6 +134,23 @@ class LossConfig:
 
 
 @dataclass
+class EvalConfig:
+    """> In-loop evaluation (every train.eval_every steps) and best-checkpoint keeping."""
+
+    dataset: str = _f("", "Held-out set with answers (file or hub); empty = hold out eval.holdout prompts from "
+                      "the training data, so the test set is never used to pick a checkpoint.")
+    split: str = _f("test", "Split of eval.dataset.")
+    holdout: int = _f(16, "Prompts held out from training when eval.dataset is empty.", min=1)
+    task: bool = _f(True, "Task accuracy (greedy avg@1, graded with math-verify) when the prompts have answers.")
+    alignment: bool = _f(True, "Per-layer cosine and reverse KL to the teacher on the student's own responses.")
+    max_new_tokens: int = _f(256, "Longest evaluation response.", min=1)
+    batch_size: int = _f(16, "Prompts per evaluation batch.", min=1)
+    metric: str = _f("auto", "Metric that picks the best checkpoint: auto (accuracy if there are answers, else "
+                     "kl), accuracy, kl or cos.", choices=("auto", "accuracy", "kl", "cos"))
+    keep_best: bool = _f(True, "Copy the adapter to best/ whenever the metric improves.")
+
+
+@dataclass
 class TrainConfig:
     """> Optimisation, logging and checkpoints."""
 
@@ -153,7 +170,7 @@ class TrainConfig:
                          "saved).", min=0)
     keep_checkpoints: int = _f(2, "Keep the newest N checkpoints (0 = all).", min=0)
     threads: int = _f(0, "torch CPU threads (0 = number of cores).", min=0)
-    eval_every: int = _f(0, "Evaluate every N steps (and before the first) with the in-loop evaluator; "
+    eval_every: int = _f(0, "Evaluate every N steps and before the first (settings in the eval section); "
                          "0 = off.", min=0)
     collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
                                    "(the student is collapsing into repetition).", min=0.0, max=1.0)
@@ -167,6 +184,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

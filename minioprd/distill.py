@@ -57,6 +57,7 @@ class Setup:
     projections: nn.ModuleList  # one bias-free Linear(d_S -> d_T) per pair, empty when widths match
     notes: list[str] = field(default_factory=list)
     skipped_prompts: int = 0
+    eval_examples: list[Any] = field(default_factory=list)  # held-out examples for the in-loop evaluation
 
 
 def _model_shape(path: str) -> tuple[int, int]:
@@ -113,6 +114,18 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
 
     examples = load_examples(cfg.data.dataset, split=cfg.data.split, field=cfg.data.field,
                              max_rows=0)
+    eval_examples = []
+    if cfg.train.eval_every:
+        if cfg.eval.dataset:
+            eval_examples = load_examples(cfg.eval.dataset, split=cfg.eval.split, field=cfg.data.field)
+        else:  # held out from the training prompts: checkpoints are never picked on a test set by default
+            if len(examples) <= cfg.eval.holdout:
+                raise MinioprdError(f"eval.holdout={cfg.eval.holdout} leaves no training prompts out of "
+                                    f"{len(examples)}: lower it or name eval.dataset")
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+            held = set(order[: cfg.eval.holdout])
+            eval_examples = [e for i, e in enumerate(examples) if i in held]
+            examples = [e for i, e in enumerate(examples) if i not in held]
     use_chat = cfg.data.chat_template
     texts = render_prompts(tokenizer, examples, template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
                            chat_template=use_chat)
@@ -144,7 +157,51 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
-                 skipped_prompts=skipped)
+                 skipped_prompts=skipped, eval_examples=eval_examples)
+
+
+def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
+    """Task accuracy (when the held-out prompts have answers) and alignment to the teacher, on a loaded model."""
+    from minioprd.alignment import alignment_report
+    from minioprd.data import render_prompts, tokenize_prompts
+    from minioprd.evaluate import evaluate_task, prepare_task
+
+    cfg = s.cfg
+    with_answers = [e for e in s.eval_examples if e.answer is not None]
+    task = prepare_task(s.tokenizer, with_answers, prompt_suffix=cfg.data.prompt_suffix,
+                        prompt_template=cfg.data.prompt_template, chat_template=cfg.data.chat_template,
+                        max_prompt_tokens=cfg.data.max_prompt_tokens) if cfg.eval.task and with_answers else None
+    texts = render_prompts(s.tokenizer, s.eval_examples, template=cfg.data.prompt_template,
+                           suffix=cfg.data.prompt_suffix, chat_template=cfg.data.chat_template)
+    prompts, _, _ = tokenize_prompts(s.tokenizer, texts, cfg.data.max_prompt_tokens, "truncate")
+
+    def evaluate(s: Setup, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if task is not None:
+            m = evaluate_task(s.student, s.tokenizer, task, k=1, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
+            out.update({"accuracy": m["avg@1"], "no_answer": m["no_answer"], "mean_length": m["mean_length"]})
+        if cfg.eval.alignment:
+            with torch.random.fork_rng(devices=[]):  # the report seeds its own rollouts
+                a = alignment_report(s.student, s.teacher, s.tokenizer, prompts, s.pairs,
+                                     list(s.projections) or None, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
+            out.update({k: a[k] for k in ("kl", "cos_mean", "cos_last", "distinct_4", "repetition")
+                        if a.get(k) is not None})
+        return out
+
+    return evaluate
+
+
+def best_metric(cfg: Config, figures: dict[str, float]) -> tuple[str, float, bool] | None:
+    """(name, value, higher_is_better) of the checkpoint-picking metric in an eval's figures, if present."""
+    name = cfg.eval.metric
+    if name == "auto":
+        name = "accuracy" if "eval/accuracy" in figures else "kl"
+    key = {"accuracy": "eval/accuracy", "kl": "eval/kl", "cos": "eval/cos_mean"}[name]
+    if figures.get(key) is None:
+        return None
+    return key, float(figures[key]), name != "kl"
 
 
 def lr_lambda(cfg: Config):
@@ -397,12 +454,23 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         prune(out, cfg.train.keep_checkpoints)
         return path
 
+    if evaluator is None and cfg.train.eval_every:
+        evaluator = default_evaluator(s)
+
     def run_eval(step: int) -> dict[str, float]:
         if evaluator is None or not cfg.train.eval_every:
             return {}
         was_training = s.student.training
         figures = {f"eval/{k}": v for k, v in evaluator(s, step).items()}
         s.student.train(was_training)
+        best = best_metric(cfg, figures)
+        if best is not None and cfg.eval.keep_best and step > 0:
+            key, value, higher = best
+            old = counters.get("best")
+            if old is None or (value > old if higher else value < old):
+                counters.update(best=value, best_step=step)
+                save_adapter(s, out / "best")
+                atomic_write_json(out / "best" / "best.json", {"step": step, "metric": key, "value": value})
         return figures
 
     t_start = time.time()

@@ -143,3 +143,32 @@ def test_existing_run_is_not_overwritten(cli_run):
     result = runner.invoke(app, ["distill", "--recipe", RECIPE, "-o", str(out), "--steps", "1"])
     assert result.exit_code == 2 and "already holds a run" in result.stderr
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_in_loop_eval_logs_metrics_and_keeps_best(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "4", "train.eval_every=2",
+                            "eval.holdout=6", "eval.max_new_tokens=8", "eval.metric=kl"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/kl" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert 0.0 <= r["eval/accuracy"] <= 1.0 and r["eval/kl"] >= 0 and -1 <= r["eval/cos_mean"] <= 1
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["metric"] == "eval/kl"
+    assert best["value"] == min(r["eval/kl"] for r in evals if r["step"] > 0)
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_holdout_prompts_are_not_trained_on(tmp_path):
+    from minioprd.config import load_config
+    from minioprd.distill import prepare
+
+    cfg = load_config(RECIPE, {"train.output_dir": str(tmp_path), "train.eval_every": 1, "eval.holdout": 10})
+    s = prepare(cfg, log=lambda m: None)
+    assert len(s.eval_examples) == 10
+    held = {e.prompt for e in s.eval_examples}
+    train_text = {s.tokenizer.decode(p) for p in s.prompts}
+    assert not any(h in t for h in held for t in train_text)
+    assert len(s.prompts) == 2000 - 10
