@@ -549,8 +549,16 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
     t0 = time.time()
     idx = sampler.next_batch(cfg.rollout.prompts_per_step)
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # rollouts reproducible step by step (and on resume)
-    ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
-                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens)
+    merge = cfg.rollout.merge_lora and cfg.lora.r > 0 and cfg.model.student_quant == "none"
+    if merge:  # one matmul per layer instead of three while generating
+        s.student.merge_adapter()
+    try:
+        ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
+                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                     max_new_tokens=cfg.rollout.max_new_tokens)
+    finally:
+        if merge:
+            s.student.unmerge_adapter()
     t1 = time.time()
     figures = update_step(s, ro)
     grad_norm = torch.nn.utils.clip_grad_norm_(params + list(s.projections.parameters()),

@@ -172,3 +172,23 @@ def test_holdout_prompts_are_not_trained_on(tmp_path):
     train_text = {s.tokenizer.decode(p) for p in s.prompts}
     assert not any(h in t for h in held for t in train_text)
     assert len(s.prompts) == 2000 - 10
+
+
+def test_merge_lora_for_rollouts_unmerges_after(tmp_path):
+    from minioprd.config import load_config
+    from minioprd.distill import distill, prepare
+
+    cfg = load_config(RECIPE, {"train.output_dir": str(tmp_path / "run"), "train.steps": 3,
+                               "rollout.merge_lora": True, "model.teacher_quant": "none"})
+    s = prepare(cfg, log=lambda m: None)
+    base = {n: p.detach().clone() for n, p in s.student.named_parameters() if "base_layer" in n}
+    calls = []
+    orig = s.student.merge_adapter
+    s.student.merge_adapter = lambda *a, **k: (calls.append(1), orig(*a, **k))
+    distill(cfg, setup=s)
+    assert len(calls) == 3
+    lora_layers = [m for m in s.student.modules() if hasattr(m, "merged")]
+    assert lora_layers and not any(m.merged for m in lora_layers)  # adapters are live again for the update
+    for n, p in s.student.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p.detach(), base[n], rtol=0, atol=1e-5)
