@@ -130,6 +130,13 @@ class LossConfig:
                          "t-1 that predicts it (default; the positions output-space OPD uses), token = the "
                          "state at t (the authors' code, for faithful reproduction).",
                          choices=("predict", "token"))
+    bridge: str = _f("", "OPRD-Bridge directory from `minioprd bridge`: compare student and teacher in its frozen "
+                     "r-dim subspace (paper Eqs. 14-15; use kind=normalized_mse, coef ~10).")
+    bridge_trainable: bool = _f(False, "Train the bridge's student projection jointly (the paper reports it "
+                                "worse; off).")
+    align: str = _f("cover", "Different tokenizers: cover (each student token's state is the teacher token "
+                    "covering its end) or exact (only tokens whose ends coincide; others masked).",
+                    choices=("cover", "exact"))
     reduction: str = _f("sequence", "sequence = per-sequence mean over positions, then mean over sequences "
                         "(paper Eq. 6); token = one mean over all positions of the batch (authors' code).",
                         choices=("sequence", "token"))

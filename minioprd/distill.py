@@ -56,6 +56,8 @@ class Setup:
     pairs: list[tuple[int, int]]  # (student layer, teacher layer), hidden_states indices
     projections: nn.ModuleList  # one bias-free Linear(d_S -> d_T) per pair, empty when widths match
     notes: list[str] = field(default_factory=list)
+    bridge: Any = None  # bridge.Bridge: frozen r-dim subspace (loss.bridge), None = compare raw states
+    cross: Any = None  # align.CrossTokenizer when the tokenizers differ: the teacher reads the text
     skipped_prompts: int = 0
     eval_examples: list[Any] = field(default_factory=list)  # held-out examples for the in-loop evaluation
 
@@ -129,16 +131,33 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     use_chat = cfg.data.chat_template
     texts = render_prompts(tokenizer, examples, template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
                            chat_template=use_chat)
-    prompts, _kept, skipped = tokenize_prompts(tokenizer, texts, cfg.data.max_prompt_tokens, cfg.data.long_prompts)
+    prompts, kept, skipped = tokenize_prompts(tokenizer, texts, cfg.data.max_prompt_tokens, cfg.data.long_prompts)
     if cfg.data.max_prompts:
         prompts = prompts[: cfg.data.max_prompts]
     log(f"prompts: {len(prompts)} from {cfg.data.dataset}" + (f" ({skipped} longer than "
         f"{cfg.data.max_prompt_tokens} tokens skipped)" if skipped else ""))
 
     teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device, trust_remote_code=trc)
-    check_tokenizers(tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
     student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed,
                            trust_remote_code=trc)
+    from minioprd.align import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
+    from minioprd.rollout import eos_ids
+
+    cross = None
+    if same_tokenizer(tokenizer, teacher_tok):
+        check_tokenizers(tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
+    else:
+        if cfg.loss.objective != "oprd":
+            raise MinioprdError(f"the teacher's tokenizer differs from the student's: loss.objective="
+                                f"{cfg.loss.objective} compares next-token distributions and needs a shared "
+                                f"vocabulary; use loss.objective=oprd (the teacher then reads the text)")
+        t_prompts = teacher_prompts(teacher_tok, [examples[i] for i in kept[:len(prompts)]],
+                                    template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
+                                    chat_template=use_chat)
+        cross = CrossTokenizer(tokenizer, teacher_tok, prompt_table(prompts, t_prompts),
+                               student_eos=eos_ids(student, tokenizer), mode=cfg.loss.align)
+        log(f"tokenizers differ: the teacher reads each rollout as text in its own tokens ({cfg.loss.align} "
+            f"alignment, its own chat template)")
     n_train, n_total = trainable_parameters(student)
     log(f"student LoRA r={cfg.lora.r}: trainable params {n_train:,} of {n_total:,} "
         f"({100 * n_train / max(n_total, 1):.3f}%)")
@@ -147,7 +166,17 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
     torch.manual_seed(cfg.train.seed)
     projections = nn.ModuleList()
-    if d_s != d_t:
+    bridge = None
+    if cfg.loss.bridge:
+        from minioprd.bridge import load_bridge
+
+        bridge = load_bridge(cfg.loss.bridge, cfg.model.student, cfg.model.teacher, pairs, student_hidden=d_s,
+                             teacher_hidden=d_t, device=device, trainable=cfg.loss.bridge_trainable)
+        if cfg.loss.bridge_trainable:
+            projections = bridge.student_projections  # joins the optimizer's projection group
+        log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
+            f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
+    elif d_s != d_t:
         for _ in pairs:
             proj = nn.Linear(d_s, d_t, bias=False)
             nn.init.normal_(proj.weight, std=d_s ** -0.5)  # keeps the per-dimension scale of the input
@@ -157,7 +186,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
-                 skipped_prompts=skipped, eval_examples=eval_examples)
+                 skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
 
 
 def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
@@ -181,11 +210,12 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
             m = evaluate_task(s.student, s.tokenizer, task, k=1, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                               batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
             out.update({"accuracy": m["avg@1"], "no_answer": m["no_answer"], "mean_length": m["mean_length"]})
-        if cfg.eval.alignment:
+        if cfg.eval.alignment and s.cross is None:  # alignment_report feeds the student's ids to the teacher
             with torch.random.fork_rng(devices=[]):  # the report seeds its own rollouts
                 a = alignment_report(s.student, s.teacher, s.tokenizer, prompts, s.pairs,
-                                     list(s.projections) or None, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
+                                     None if s.bridge is not None else list(s.projections) or None,
+                                     max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                     seed=cfg.train.seed)
             out.update({k: a[k] for k in ("kl", "cos_mean", "cos_last", "distinct_4", "repetition")
                         if a.get(k) is not None})
         return out
@@ -252,7 +282,8 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
     L_S, L_T = num_layers(s.student), num_layers(s.teacher)
     s_layers = sorted(({l for l, _ in s.pairs} if need_rep else set()) | ({L_S} if need_opd else set()))
     t_layers = sorted(({t for _, t in s.pairs} if need_rep else set()) | ({L_T} if need_opd else set()))
-    projections = list(s.projections) if len(s.projections) else None
+    projections = list(s.bridge.student_projections) if s.bridge is not None else \
+        list(s.projections) if len(s.projections) else None
     vocab = min(s.student.get_output_embeddings().weight.shape[0], s.teacher.get_output_embeddings().weight.shape[0])
     n = len(s.pairs)
     sums = {"loss": 0.0, "loss_rep": 0.0, "loss_opd": 0.0}
@@ -267,9 +298,14 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         windows = [w for w in (rep_win, opd_win) if w is not None]
         start, stop = min(w.start for w in windows), max(w.stop for w in windows)
         pos = part.position_ids()
+        rep_mask = rep_win.mask if need_rep else None
         with torch.no_grad():
-            got = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device), part.attention_mask.to(
-                s.teacher_device), pos.to(s.teacher_device), t_layers, start, stop)
+            if s.cross is None:
+                got = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device), part.attention_mask.to(
+                    s.teacher_device), pos.to(s.teacher_device), t_layers, start, stop)
+            else:  # the teacher's own tokens, gathered at the student's window columns; unaligned ones masked
+                got, rep_mask = s.cross.teacher_states(s.teacher, part, t_layers, rep_win, lc.convention,
+                                                       device=s.teacher_device)
             teacher = {l: h.to(s.device, s.dtype) for l, h in zip(t_layers, got)}  # (b, W, D_T) each
         got = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, start, stop)
         student = {l: h.float() for l, h in zip(s_layers, got)}  # (b, W, D_S); fp32 into projections and loss
@@ -281,7 +317,9 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         if need_rep:
             states = [cut(student[l], rep_win) for l, _ in s.pairs]
             targets = [cut(teacher[t], rep_win) for _, t in s.pairs]
-            rep, layer_losses = representation_loss(states, targets, rep_win.mask, kind=lc.kind,
+            if s.bridge is not None:  # (h_T - mu_T) P_T^T: the teacher in the bridge's r-dim subspace
+                targets = s.bridge.teacher_transform(targets)
+            rep, layer_losses = representation_loss(states, targets, rep_mask, kind=lc.kind,
                                                     reduction=lc.reduction, projections=projections)
             loss = loss + rep_weight * rep
         if need_opd:
@@ -300,7 +338,7 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         if need_rep:
             sums["loss_rep"] += float(rep.detach()) * share
             per_layer += layer_losses.float().cpu() * share
-            cos += layer_cosines(states, targets, rep_win.mask, projections).float().cpu() * share
+            cos += layer_cosines(states, targets, rep_mask, projections).float().cpu() * share
         if need_opd:
             sums["loss_opd"] += float(opd.detach()) * share
     return {**sums, "layer_loss": per_layer.tolist() if need_rep else [],
@@ -326,7 +364,9 @@ def _save_weights(s: Setup, tmp: Path) -> None:
     cfg = s.cfg
     s.student.save_pretrained(tmp)
     s.tokenizer.save_pretrained(tmp)
-    if len(s.projections):
+    if s.bridge is not None:
+        s.bridge.save(tmp / "bridge")
+    if len(s.projections):  # width projections, or a jointly trained bridge's P_S (so resume restores them)
         tensors = {f"s{a}_t{b}.weight": p.weight.detach().float().cpu().contiguous()
                    for (a, b), p in zip(s.pairs, s.projections)}
         save_file(tensors, str(tmp / "projections.safetensors"))
@@ -334,7 +374,10 @@ def _save_weights(s: Setup, tmp: Path) -> None:
         "format": 1, "minioprd_version": __version__, "student": cfg.model.student,
         "student_path": resolve_model(cfg.model.student, "student").path,
         "student_quant": cfg.model.student_quant, "teacher": cfg.model.teacher,
-        "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)),
+        "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)) and s.bridge is None,
+        "bridge": None if s.bridge is None else {"source": cfg.loss.bridge, "rank": s.bridge.rank,
+                                                 "trainable": cfg.loss.bridge_trainable, "dir": "bridge"},
+        "same_tokenizer": s.cross is None,
         "loss": cfg.loss.kind, "convention": cfg.loss.convention, "full_finetune": cfg.lora.r == 0,
     })
 

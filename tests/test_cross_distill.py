@@ -1,0 +1,85 @@
+"""`distill` with an OPRD-Bridge and with a teacher that has another tokenizer (issue 7 integration)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from minioprd.cli import app
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    from test_align import other_tokenizer
+
+    from minioprd.tiny import build_model
+
+    tok = other_tokenizer()
+    teacher = build_model("tiny-teacher", len(tok), seed=5)
+    teacher.config.eos_token_id = teacher.generation_config.eos_token_id = tok.eos_token_id
+    teacher.config.pad_token_id = teacher.generation_config.pad_token_id = tok.pad_token_id
+    d = tmp_path_factory.mktemp("other") / "teacher"
+    teacher.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distill_in_a_bridge_subspace(tmp_path):
+    b = tmp_path / "bridge"
+    r = runner.invoke(app, ["bridge", "--teacher", "builtin:tiny-teacher", "--student", "builtin:tiny-student",
+                            "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "4", "--prompts", "16",
+                            "--max-new-tokens", "8", "--epochs", "2", "--teacher-quant", "none", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "4", f"loss.bridge={b}",
+                            "loss.kind=normalized_mse", "loss.coef=10", "model.teacher_quant=none"])
+    assert r.exit_code == 0, r.output
+    assert "bridge:" in r.stdout and "r=4" in r.stdout
+    rows = _rows(out)
+    assert all(x["loss"] > 0 for x in rows) and len(rows[0]["layer_cos"]) == 2
+    meta = json.loads((out / "adapter" / "minioprd.json").read_text())
+    assert meta["bridge"]["rank"] == 4 and meta["projections"] is False
+    assert (out / "adapter" / "bridge" / "bridge.safetensors").is_file()
+    assert not (out / "adapter" / "projections.safetensors").exists()
+
+
+def test_bridge_for_other_models_is_refused(tmp_path, other_teacher):
+    b = tmp_path / "bridge"
+    r = runner.invoke(app, ["bridge", "--teacher", "builtin:tiny-teacher", "--student", "builtin:tiny-student",
+                            "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "2", "--prompts", "8",
+                            "--max-new-tokens", "6", "--epochs", "1", "--teacher-quant", "none", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--teacher", str(other_teacher),
+                            f"loss.bridge={b}", "model.teacher_quant=none"])
+    assert r.exit_code == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "bridge" in lines[0].lower()
+
+
+def test_teacher_with_another_tokenizer_reads_the_text(tmp_path, other_teacher):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--teacher", str(other_teacher),
+                            "--steps", "6", "model.teacher_quant=none", "train.lr=3e-3", "loss.align=exact"])
+    assert r.exit_code == 0, r.output
+    assert "tokenizers differ" in r.stdout
+    rows = _rows(out)
+    assert len(rows) == 6 and all(x["loss"] > 0 for x in rows)
+    assert sum(x["loss"] for x in rows[-2:]) < sum(x["loss"] for x in rows[:2])
+    meta = json.loads((out / "adapter" / "minioprd.json").read_text())
+    assert meta["same_tokenizer"] is False
+
+
+def test_output_space_objective_needs_a_shared_vocabulary(tmp_path, other_teacher):
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--teacher", str(other_teacher),
+                            "loss.objective=opd_full", "model.teacher_quant=none"])
+    assert r.exit_code == 2 and "needs a shared vocabulary" in r.stderr
