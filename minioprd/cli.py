@@ -346,17 +346,191 @@ def merge(
         _quiet_libraries()
         from minioprd.merge import merge_adapter
 
-        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        say = lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
         r = merge_adapter(adapter, output, base=base, dtype=dtype, force=force, verify=verify,
                           max_shard_size=max_shard_size, push_to_hub=push_to_hub, log=say)
         check = (f"max |Δlogit| {r['max_abs_diff']:.3g} ≤ {r['tolerance']:.3g}" if r["verified"]
                  else "not verified (--no-verify)")
-        say(f"merged: {r['output']}  ({r['dtype']}{', from a dequantized 4-bit base' if r['dequantized'] else ''}, "
-            f"{r['size_bytes'] / 1e9:.2f} GB in {r['shards']} shard(s); {check}; {r['seconds']:.0f} s, "
-            f"peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB, of which {r['peak_anon_mb'] / 1024:.1f} GiB not "
-            f"file-backed)")
+        size = r["size_bytes"] / 1e9
+        console.print(
+            f"[green]done:[/green] {r['dtype']}{' from a dequantized 4-bit base' if r['dequantized'] else ''}, "
+            f"{f'{size:.2f} GB' if size >= 1 else f'{size * 1e3:.1f} MB'} in {r['shards']} shard(s); {check}; "
+            f"{r['seconds']:.0f} s; peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB "
+            f"({r['peak_anon_mb'] / 1024:.1f} GiB not memory-mapped)", highlight=False, soft_wrap=True)
 
     run(go)
+
+
+@app.command("bridge")
+def bridge(
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: dir, hub id or name (Qwen2.5-7B).",
+                                                   show_default=False)] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: dir, hub id or name (Qwen2.5-0.5B).",
+                                                   show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Prompts: hub data set or local jsonl/json/parquet/csv.",
+                                                   show_default=False)] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Bridge directory (bridge.safetensors + "
+                                        "bridge.json; other swept ranks in rank-R/).", show_default=False)] = "",
+    rank: Annotated[int, typer.Option(help="Rank r of the saved bridge (the paper: 8; 4 across tokenizers).")] = 8,
+    ranks: Annotated[Optional[str], typer.Option(help="Rank sweep, e.g. 4,8,16: mean validation cosine per rank.",
+                                                 show_default=False)] = None,
+    prompts: Annotated[int, typer.Option(help="Stage 0: prompts answered by the student (one response each).")]
+    = 2000,
+    max_new_tokens: Annotated[int, typer.Option(help="Stage 0: longest response.")] = 512,
+    max_rows: Annotated[int, typer.Option(help="Response positions kept per layer (PCA and P_S rows).")] = 16384,
+    epochs: Annotated[int, typer.Option(help="Stage 1: AdamW epochs per projection.")] = 20,
+    lr: Annotated[float, typer.Option(help="Stage 1: AdamW learning rate.")] = 1e-4,
+    init: Annotated[str, typer.Option(help="Stage 1 start of P_S: lstsq (closed-form MSE fit) or random "
+                                      "(the authors').")] = "lstsq",
+    batch_size: Annotated[int, typer.Option(help="Stage 0: prompts per generate call.")] = 16,
+    layers: Annotated[str, typer.Option(help="Student layers: all, last, even or odd (mapped by Eq. 11).")] = "all",
+    convention: Annotated[str, typer.Option(help="predict or token: which state belongs to a response token.")]
+    = "predict",
+    align: Annotated[str, typer.Option(help="Different tokenizers: cover (end-covering teacher token) or exact "
+                                       "(only tokens ending where a teacher token ends).")] = "cover",
+    teacher_quant: Annotated[str, typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = "4bit",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    split: Annotated[str, typer.Option(help="Split of a hub data set.")] = "train",
+    field: Annotated[str, typer.Option(help="Prompt column (default: auto-detect).")] = "auto",
+    prompt_suffix: Annotated[str, typer.Option(help="Text appended to every prompt.")] = "",
+    chat_template: Annotated[str, typer.Option(help="auto, true or false.")] = "auto",
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts are skipped.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Stage 0 sampling temperature (the paper: 1.0).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
+    states: Annotated[Optional[str], typer.Option(help="Refit from states collected before (a --keep-states "
+                                                  "run's OUTPUT/states): skips Stage 0.", show_default=False)]
+    = None,
+    keep_states: Annotated[bool, typer.Option("--keep-states", help="Keep Stage 0's states in OUTPUT/states.")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a bridge already in --output.")] = False,
+) -> None:
+    """Fit an OPRD-Bridge (paper Eqs. 11-15) for a teacher and a student of different widths, depths or
+    tokenizers; use it with `minioprd distill ... loss.bridge=DIR`.
+
+    [bold]minioprd bridge --teacher Qwen2.5-7B --student Qwen2.5-0.5B --dataset prompts.jsonl -o bridges/q7-q05[/bold]
+    """
+
+    def go() -> None:
+        from minioprd.errors import MinioprdError
+
+        if not output:
+            raise MinioprdError("pass --output DIR (where bridge.safetensors and bridge.json go)")
+        _quiet_libraries()
+        from minioprd.bridge import build_bridge, print_bridge
+
+        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        summary = build_bridge(teacher, student, dataset, output, rank=rank, ranks=ranks, prompts=prompts,
+                               max_new_tokens=max_new_tokens, max_rows=max_rows, epochs=epochs, lr=lr, init=init,
+                               batch_size=batch_size, layers=layers, convention=convention, align_mode=align,
+                               teacher_quant=teacher_quant, device=device, dtype=dtype, split=split, field=field,
+                               prompt_suffix=prompt_suffix, chat_template=chat_template,
+                               max_prompt_tokens=max_prompt_tokens, temperature=temperature, seed=seed,
+                               threads=threads, states=states, keep_states=keep_states, force=force, log=say)
+        print_bridge(summary, console)
+        say(f"wrote {summary['output']} (r={summary['rank']}, mean val cos "
+            f"{sum(summary['val_cos']) / len(summary['val_cos']):.4f})"
+            + (f"; other ranks in {', '.join(summary['other_ranks'])}" if summary["other_ranks"] else ""))
+
+    run(go)
+
+
+# ------------------------------------------------------------------------------------------- plan, report
+
+_PLAN_FLAGS = {
+    "teacher": "model.teacher", "student": "model.student", "teacher_quant": "model.teacher_quant",
+    "student_quant": "model.student_quant", "device": "model.device", "teacher_device": "model.teacher_device",
+    "prompts_per_step": "rollout.prompts_per_step", "n": "rollout.n", "max_new_tokens": "rollout.max_new_tokens",
+    "micro_batch": "rollout.micro_batch", "gradient_checkpointing": "lora.gradient_checkpointing",
+}
+
+
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def plan_(
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Extra settings as section.key=value, exactly as for distill (rollout.micro_batch=2 ...).",
+        show_default=False)] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: name (Qwen2.5-7B), dir or config.json.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: name (Qwen2.5-0.5B), dir or config.json.")]
+    = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Card: t4, p100, l4, a10, 3060, 3090, 4090, a100-40, a100-80, "
+                                               "h100.", show_default=False)] = None,
+    vram_gb: Annotated[Optional[float], typer.Option("--vram-gb", help="Card memory in GiB (instead of, or to "
+                                                     "resize, --gpu).", show_default=False)] = None,
+    teacher_quant: Annotated[Optional[str], typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = None,
+    student_quant: Annotated[Optional[str], typer.Option(help="Student base: none or 4bit (QLoRA).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (cpu: a RAM estimate).")] = None,
+    teacher_device: Annotated[Optional[str], typer.Option(help="same, or cuda:1 to give the teacher its own "
+                                                          "card (Kaggle 2xT4).")] = None,
+    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts per step.")] = None,
+    n: Annotated[Optional[int], typer.Option(help="Responses per prompt.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest response.")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per update forward (0 = all).")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute student activations in backward.",
+        show_default=False)] = None,
+    prompt_tokens: Annotated[Optional[int], typer.Option(help="Longest prompt in a batch (default: "
+                                                         "data.max_prompt_tokens).", show_default=False)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    measure_run: Annotated[bool, typer.Option("--measure", help="Also run a few real steps here and print the "
+                                              "measured peak next to the estimate.")] = False,
+    measure_steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 2,
+) -> None:
+    """Estimate GPU memory term by term, say whether the run fits, and propose rollout sizes that do.
+
+    [bold]minioprd plan --teacher Qwen2.5-7B --student Qwen2.5-0.5B --gpu t4[/bold]
+    """
+    values = dict(locals())
+
+    def go() -> None:
+        import json as _json
+
+        from minioprd.config import load_config
+        from minioprd.plan import measure, plan, render
+
+        flags = {_PLAN_FLAGS[k]: v for k, v in values.items() if k in _PLAN_FLAGS and v is not None}
+        cfg = load_config(recipe, {**flags, **parse_overrides(values["overrides"] or [])})
+        p = plan(cfg, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens)
+        if json_out:
+            console.print_json(_json.dumps(p.to_dict()))
+        else:
+            render(p, console)
+        if measure_run:
+            _quiet_libraries()
+            m = measure(cfg, steps=measure_steps)
+            console.print(f"measured ({m['how']}, {measure_steps} steps, P={m['prompt_tokens']}): "
+                          f"{m['measured_mib']:.0f} MiB; estimated {m['estimated_mib']:.0f} MiB "
+                          f"({100 * m['error']:+.0f}%)", highlight=False, markup=False)
+
+    run(go)
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A distill run directory (its train.output_dir).",
+                                            show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where the PNGs and report.md go "
+                                                   "(default: RUN_DIR/report).", show_default=False)] = None,
+) -> None:
+    """Plot a run (loss, per-layer cosine, eval, response length, tokens/s) and write a markdown summary.
+
+    [bold]minioprd report runs/qwen2.5-7b-to-0.5b[/bold]
+    """
+
+    def go() -> None:
+        from minioprd.report import write_report
+
+        r = write_report(run_dir, output)
+        for path in r["pngs"]:
+            console.print(f"wrote {path}", highlight=False, markup=False)
+        console.print(f"wrote {r['md']}", highlight=False, markup=False)
+        if r["plots_missing"]:
+            err_console.print(f"[yellow]note:[/yellow] {r['plots_missing']}", highlight=False, soft_wrap=True)
+
+    run(go)
+
 
 
 if __name__ == "__main__":  # pragma: no cover
