@@ -27,6 +27,11 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return dec
 
 
+def output_ptr(output: Any) -> int:
+    h = output[0] if isinstance(output, tuple) else output
+    return h.untyped_storage().data_ptr()
+
+
 def num_layers(model: torch.nn.Module) -> int:
     return len(backbone(model).layers)
 
@@ -51,7 +56,11 @@ def capture_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                 return
             h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
             h = h[:, start:stop]
-            wanted[index] = h if dtype is None else h.to(dtype)
+            if dtype is not None:
+                h = h.to(dtype)
+            if not torch.is_grad_enabled() and h.untyped_storage().data_ptr() == output_ptr(output):
+                h = h.clone()  # a view would keep the whole (B, T, D) output alive; under no_grad nothing else does
+            wanted[index] = h
             if index == deepest:
                 state["active"] = False
                 raise _Stop

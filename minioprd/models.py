@@ -29,6 +29,7 @@ _FAMILIES = {
     + ["Llama-3.1-8B", "Llama-3.1-8B-Instruct"],
     "deepseek-ai/": [f"DeepSeek-R1-Distill-Qwen-{s}" for s in ("1.5B", "7B", "14B")],
     "microsoft/": ["Phi-4-mini-reasoning", "Phi-4-mini-instruct"],
+    "hbx/": ["JustRL-DeepSeek-1.5B"],  # the paper's RL'd teacher of DeepSeek-R1-Distill-Qwen-1.5B
 }
 KNOWN_MODELS: dict[str, str] = {name.lower(): org + name for org, names in _FAMILIES.items() for name in names}
 

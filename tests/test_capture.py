@@ -59,3 +59,13 @@ def test_capture_keeps_student_gradients_and_cuts_the_input(tiny_dirs, tiny_toke
         (full,) = capture_hidden(model.eval(), ids, attn, pos, [2], start=1, stop=ids.shape[1])
         (cut,) = capture_hidden(model, ids, attn, pos, [2], start=1, stop=4)
     torch.testing.assert_close(full[:, :3], cut, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_capture_keeps_only_the_window(tiny_dirs, tiny_tokenizer):
+    """Under no_grad a slice must not keep the whole (B, T, D) layer output alive."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"], dtype=torch.float32).eval()
+    ids, attn, pos = _batch(tiny_tokenizer)
+    with torch.no_grad():
+        got = capture_hidden(model, ids, attn, pos, [1, 2, 4], start=3, stop=5)
+    for h in got:
+        assert h.untyped_storage().nbytes() == h.numel() * h.element_size()
