@@ -1,0 +1,878 @@
+"""Will it fit? A term-by-term GPU memory estimate of a `distill` run, from model configs alone.
+
+    minioprd plan --teacher Qwen2.5-7B --student Qwen2.5-0.5B --gpu t4
+    from minioprd.plan import plan; p = plan(load_config("recipes/x.yaml"), gpu="t4"); p.fits, p.peak_gib()
+
+The estimate follows what `distill.py` actually allocates, per card:
+
+    peak = static + max(rollout, update, optimizer step) + allocator slack + CUDA context
+    static   teacher weights (NF4: 4 bits + 8-bit absmax per 64 + fp32 per 256 blocks = 4.127 bit/param on
+             the blocks' linear layers; embeddings, lm_head and norms stay in the checkpoint dtype),
+             student weights, LoRA params and AdamW moments (fp32), projections Linear(d_S->d_T) + AdamW
+    rollout  KV cache  L_S x 2 x kv_heads x head_dim x B x (P + R) x bytes, plus prefill / sampling temporaries
+    update   per micro-batch: fp32 grads; teacher targets kept (mapped layers x mb x (P+R) x d_T: the capture
+             hooks keep a view of each layer output, so the whole (mb, P+R, d_T) storage stays alive); the
+             teacher's one-layer forward temporaries; the student's saved activations up to its deepest
+             mapped layer (all of them, or one layer input each with gradient checkpointing, plus one layer
+             recomputed in backward); the loss and projection activations; one block's gradients in backward
+    step     AdamW's foreach temporaries (CUDA only)
+
+B = prompts_per_step x n, P = data.max_prompt_tokens (the longest prompt: rows are padded to it), R =
+max_new_tokens (every response at full length), mb = micro_batch or B. The numbers are upper bounds for that
+worst case. Model shapes come from embedded configs (offline), a local directory's config.json, or the
+Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minioprd.config import Config
+from minioprd.errors import MinioprdError
+
+GIB = 1024**3
+MIB = 1024**2
+
+# NF4 with double quantization (models.quantization_config): 4-bit codes, one 8-bit absmax per 64 weights,
+# one fp32 absmax per 256 of those blocks (bitsandbytes blocksize 64, nested blocksize 256; measured on
+# bitsandbytes 0.50.2: 4.129 bit/param on a 4096x1024 layer including the 256-entry code tables).
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+INT8_BITS = 8  # LLM.int8: int8 codes + one fp32 scale per output row (added separately)
+CUDA_CONTEXT = 500 * MIB  # CUDA context + cuBLAS workspace + bitsandbytes kernels, per card (typ. 0.3-0.6 GiB)
+ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of the dynamic (non-weight) peak
+OPD_CHUNK = 512  # losses.py chunk_size default: rows of (chunk, V) logits alive at once
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    mib: int  # total memory as nvidia-smi reports it
+    bf16: bool  # Ampere or newer; the T4 and P100 compute in fp16
+
+
+# nvidia-smi totals (MiB) of the common cards; the CUDA context is a separate term of the estimate.
+GPUS: dict[str, GPU] = {
+    "t4": GPU("NVIDIA T4 16 GB (Colab, Kaggle)", 15360, False),
+    "p100": GPU("NVIDIA P100 16 GB (Kaggle)", 16384, False),
+    "l4": GPU("NVIDIA L4 24 GB", 23034, True),
+    "a10": GPU("NVIDIA A10 24 GB", 23028, True),
+    "3060": GPU("GeForce RTX 3060 12 GB", 12288, True),
+    "3090": GPU("GeForce RTX 3090 24 GB", 24576, True),
+    "4090": GPU("GeForce RTX 4090 24 GB", 24564, True),
+    "a100-40": GPU("NVIDIA A100 40 GB", 40960, True),
+    "a100-80": GPU("NVIDIA A100 80 GB", 81920, True),
+    "h100": GPU("NVIDIA H100 80 GB", 81559, True),
+}
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs from a model's config.json."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    head_dim: int = 0  # 0: hidden // heads
+    dtype: str = "bfloat16"  # checkpoint dtype: what non-quantized weights load as
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3
+    fused: bool = False  # Phi-3/4: qkv_proj and gate_up_proj
+    source: str = ""
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.hd
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.hd
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Linear layers of one block: name -> (in, out), named as in the HF module tree."""
+        D, I = self.hidden, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (D, self.q_dim + 2 * self.kv_dim), "o_proj": (self.q_dim, D),
+                    "gate_up_proj": (D, 2 * I), "down_proj": (I, D)}
+        return {"q_proj": (D, self.q_dim), "k_proj": (D, self.kv_dim), "v_proj": (D, self.kv_dim),
+                "o_proj": (self.q_dim, D), "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}
+
+    def linear_params(self) -> int:
+        """Weights of all block linear layers (what bitsandbytes quantizes)."""
+        return self.layers * sum(i * o for i, o in self.linears().values())
+
+    def other_params(self) -> int:
+        """Everything bitsandbytes leaves unquantized: embeddings, an untied lm_head, norms, biases."""
+        per_layer = 2 * self.hidden + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0) \
+            + (2 * self.hd if self.qk_norm else 0)
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
+
+    def params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+
+def _m(name: str, layers: int, hidden: int, inter: int, heads: int, kv: int, vocab: int, tied: bool,
+       **kw: Any) -> ModelShape:
+    return ModelShape(name, layers, hidden, inter, heads, kv, vocab, tied, **kw)
+
+
+# Embedded configs: the numbers of each model's config.json on the Hugging Face hub (num_hidden_layers,
+# hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, vocab_size, tie_word_embeddings,
+# head_dim where set). Sources: the hub config.json files, cross-checked against the published parameter
+# counts (Qwen2.5 model cards: 0.49B/1.54B/3.09B/7.61B/14.7B/32.5B; Qwen3 cards: 0.6B/1.7B/4.0B/8.2B/14.8B/
+# 32.8B with their "non-embedding" figures; Llama 3.2/3.1 cards 1.24B/3.21B/8.03B; SmolLM2 134.5M/362M/1.71B;
+# DeepSeek-R1-Distill-Qwen-1.5B 1.78B, untied). tests/test_plan.py recomputes these totals.
+_Q25 = dict(qkv_bias=True)
+_Q3 = dict(head_dim=128, qk_norm=True)
+EMBEDDED: dict[str, ModelShape] = {s.name.lower(): s for s in [
+    _m("Qwen2.5-0.5B", 24, 896, 4864, 14, 2, 151936, True, **_Q25),
+    _m("Qwen2.5-1.5B", 28, 1536, 8960, 12, 2, 151936, True, **_Q25),
+    _m("Qwen2.5-3B", 36, 2048, 11008, 16, 2, 151936, True, **_Q25),
+    _m("Qwen2.5-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
+    _m("Qwen2.5-14B", 48, 5120, 13824, 40, 8, 152064, False, **_Q25),
+    _m("Qwen2.5-32B", 64, 5120, 27648, 40, 8, 152064, False, **_Q25),
+    _m("Qwen2.5-Math-1.5B", 28, 1536, 8960, 12, 2, 151936, True, **_Q25),
+    _m("Qwen2.5-Math-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
+    _m("DeepSeek-R1-Distill-Qwen-1.5B", 28, 1536, 8960, 12, 2, 151936, False, **_Q25),
+    _m("JustRL-DeepSeek-1.5B", 28, 1536, 8960, 12, 2, 151936, False, **_Q25),  # RL'd copy of the above
+    _m("DeepSeek-R1-Distill-Qwen-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
+    _m("DeepSeek-R1-Distill-Qwen-14B", 48, 5120, 13824, 40, 8, 152064, False, **_Q25),
+    _m("Qwen3-0.6B", 28, 1024, 3072, 16, 8, 151936, True, **_Q3),
+    _m("Qwen3-1.7B", 28, 2048, 6144, 16, 8, 151936, True, **_Q3),
+    _m("Qwen3-4B", 36, 2560, 9728, 32, 8, 151936, True, **_Q3),
+    _m("Qwen3-8B", 36, 4096, 12288, 32, 8, 151936, False, **_Q3),
+    _m("Qwen3-14B", 40, 5120, 17408, 40, 8, 151936, False, **_Q3),
+    _m("Qwen3-32B", 64, 5120, 25600, 64, 8, 151936, False, **_Q3),
+    _m("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256, True, head_dim=64),
+    _m("Llama-3.2-3B", 28, 3072, 8192, 24, 8, 128256, True, head_dim=128),
+    _m("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256, False),
+    _m("SmolLM2-135M", 30, 576, 1536, 9, 3, 49152, True),
+    _m("SmolLM2-360M", 32, 960, 2560, 15, 5, 49152, True),
+    _m("SmolLM2-1.7B", 24, 2048, 8192, 32, 32, 49152, True),
+    _m("Phi-4-mini-instruct", 32, 3072, 8192, 24, 8, 200064, True, fused=True),
+    _m("Phi-4-mini-reasoning", 32, 3072, 8192, 24, 8, 200064, True, fused=True),
+]}
+_SUFFIXES = ("-instruct", "-base", "-it")
+
+
+def _embedded(name: str) -> ModelShape | None:
+    key = name.rsplit("/", 1)[-1].lower()
+    if key in EMBEDDED:
+        return EMBEDDED[key]
+    for suffix in _SUFFIXES:  # instruction-tuned variants share their base's shape
+        if key.endswith(suffix) and key[: -len(suffix)] in EMBEDDED:
+            return EMBEDDED[key[: -len(suffix)]]
+    return None
+
+
+def shape_from_config(data: dict[str, Any], name: str, source: str) -> ModelShape:
+    """A ModelShape from a parsed config.json (multimodal configs: their text_config)."""
+    data = data.get("text_config") or data
+    try:
+        heads = int(data["num_attention_heads"])
+        model_type = str(data.get("model_type", ""))
+        return ModelShape(
+            name=name, layers=int(data["num_hidden_layers"]), hidden=int(data["hidden_size"]),
+            intermediate=int(data["intermediate_size"]), heads=heads,
+            kv_heads=int(data.get("num_key_value_heads") or heads), vocab=int(data["vocab_size"]),
+            tied=bool(data.get("tie_word_embeddings", False)), head_dim=int(data.get("head_dim") or 0),
+            dtype=str(data.get("dtype") or data.get("torch_dtype") or "bfloat16"),
+            qkv_bias=model_type == "qwen2" or bool(data.get("attention_bias", False)),
+            qk_norm=model_type.startswith("qwen3"), fused=model_type.startswith("phi3"), source=source)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MinioprdError(f"{source} lacks {e} (or it is not a number): the planner needs num_hidden_layers, "
+                            f"hidden_size, intermediate_size, num_attention_heads and vocab_size") from None
+
+
+def _read_config(path: Path, name: str) -> ModelShape:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MinioprdError(f"could not read {path}: {e}") from None
+    return shape_from_config(data, name, str(path))
+
+
+def model_shape(name: str) -> ModelShape:
+    """Shape of a model named as `distill` takes it: builtin:*, a local directory, a hub id or a short name.
+
+    Offline: embedded configs first, then a local config.json, then the Hugging Face cache.
+    """
+    if name.startswith("builtin:"):
+        from minioprd.tiny import builtin_model_dir
+
+        return _read_config(builtin_model_dir(name) / "config.json", name)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise MinioprdError(f"{name!r} has no config.json: pass a Hugging Face model directory")
+        return _read_config(p / "config.json", name)
+    if p.suffix == ".json" and p.is_file():
+        return _read_config(p, name)
+    shape = _embedded(name)
+    if shape is not None:
+        return ModelShape(**{**shape.__dict__, "name": name.rsplit("/", 1)[-1],
+                             "source": f"embedded config of {shape.name}"})
+    from minioprd.models import KNOWN_MODELS
+
+    repo = KNOWN_MODELS.get(name.lower(), name)
+    if "/" in repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(repo, "config.json")
+        except Exception:  # noqa: BLE001 - a malformed id or cache: fall through to the message
+            cached = None
+        if isinstance(cached, str):
+            return _read_config(Path(cached), name)
+    known = ", ".join(sorted(s.name for s in EMBEDDED.values()))
+    raise MinioprdError(f"no config for {name!r}: pass a local model directory or its config.json, or one of "
+                        f"the embedded models ({known})")
+
+
+# --------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Term:
+    """One line of the estimate."""
+
+    name: str
+    bytes: float
+    card: int  # 0 = the student's device, 1 = teacher_device when the teacher has a card of its own
+    phase: str  # static | rollout | update | step | info (shown, not counted)
+    detail: str = ""
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / GIB
+
+
+@dataclass
+class Proposal:
+    """Rollout settings that fit, as `section.key=value` overrides."""
+
+    settings: dict[str, Any]
+    peak_gib: float
+    why: str
+
+    @property
+    def overrides(self) -> str:
+        return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.settings.items())
+
+
+@dataclass
+class Plan:
+    """The estimate: terms, per-card peaks and phases, a verdict and proposals."""
+
+    teacher: ModelShape
+    student: ModelShape
+    device: str  # cuda | cpu
+    gpu: GPU | None
+    cards: int
+    dtype: str  # student compute dtype
+    batch: int
+    micro_batch: int
+    prompt_tokens: int
+    new_tokens: int
+    pairs: list[tuple[int, int]]
+    terms: list[Term] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)  # per card: phase -> bytes above static
+    proposals: list[Proposal] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    teacher_on_cpu: bool = False  # model.teacher_device=cpu with a GPU student: "card" 1 is CPU RAM
+
+    def on_gpu(self, card: int) -> bool:
+        return self.device == "cuda" and not (card == 1 and self.teacher_on_cpu)
+
+    def card_name(self, card: int) -> str:
+        return "cpu" if not self.on_gpu(card) else f"cuda:{card}"
+
+    def peak(self, card: int = 0) -> float:
+        """Estimated peak bytes on `card` (0: the student's device; 1: the teacher's, when it has its own)."""
+        static = sum(t.bytes for t in self.terms if t.card == card and t.phase == "static")
+        dynamic = max(self.phases[card].values()) if self.phases[card] else 0.0
+        slack = ALLOCATOR_SLACK * dynamic if self.on_gpu(card) else 0.0
+        return static + dynamic + slack
+
+    def peak_gib(self, card: int = 0) -> float:
+        return self.peak(card) / GIB
+
+    def limit(self) -> float | None:
+        return self.gpu.mib * MIB if self.gpu is not None else None
+
+    @property
+    def fits(self) -> bool | None:
+        lim = self.limit()
+        return None if lim is None else all(self.peak(c) <= lim for c in range(self.cards) if self.on_gpu(c))
+
+    def verdict(self) -> str:
+        lim = self.limit()
+        if lim is None:
+            if self.device == "cpu":
+                return (f"a CPU run: about {self.peak_gib():.1f} GiB of tensors in RAM, plus ~0.7 GiB for Python, "
+                        f"torch and transformers")
+            return "no card size given: pass --gpu or --vram-gb for a verdict"
+        worst = max(self.peak(c) / lim for c in range(self.cards) if self.on_gpu(c))
+        gpus = sum(1 for c in range(self.cards) if self.on_gpu(c))
+        where = f"{self.gpu.name}" + (f" x{gpus}" if gpus > 1 else "") + (
+            f" (teacher in CPU RAM: {self.peak_gib(1):.1f} GiB)" if self.teacher_on_cpu else "")
+        if worst > 1:
+            return f"does NOT fit on {where} ({worst:.0%} of its memory)"
+        if worst > 0.9:
+            return f"fits on {where}, tightly ({worst:.0%} of its memory): expect OOM on a long batch"
+        return f"fits on {where} ({worst:.0%} of its memory)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "teacher": self.teacher.name, "student": self.student.name, "device": self.device,
+            "gpu": self.gpu.name if self.gpu else None, "gpu_gib": self.gpu.mib / 1024 if self.gpu else None,
+            "cards": self.cards, "card_names": [self.card_name(c) for c in range(self.cards)], "dtype": self.dtype,
+            "batch": self.batch, "micro_batch": self.micro_batch,
+            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "terms": [{"name": t.name, "gib": round(t.gib, 4), "card": t.card, "phase": t.phase,
+                       "detail": t.detail} for t in self.terms],
+            "peak_gib": [round(self.peak_gib(c), 3) for c in range(self.cards)], "fits": self.fits,
+            "verdict": self.verdict(),
+            "proposals": [{"why": p.why, "peak_gib": round(p.peak_gib, 2), "overrides": p.overrides}
+                          for p in self.proposals],
+            "notes": self.notes,
+        }
+
+
+def _lora_modules(shape: ModelShape, target: Any) -> dict[str, tuple[int, int]]:
+    lin = shape.linears()
+    if target == "all-linear" or target is None:
+        return lin
+    names = [target] if isinstance(target, str) else list(target)
+    return {n: lin[n] for n in names if n in lin}
+
+
+def _student_layer_bytes(s: ModelShape, act: int, lora: dict[str, tuple[int, int]], r: int) -> float:
+    """Bytes autograd saves per token in one student block (transformers Qwen2/Llama block, PEFT LoRA).
+
+    Frozen base linears save nothing (their input gradient needs only the weight). PEFT casts each LoRA
+    input to the adapter dtype (fp32) separately, so with a bf16/fp16 base every targeted module keeps its
+    own fp32 copy of its input; in fp32 the input tensor is shared. SDPA keeps q, k, v (k/v repeated to all
+    heads when a padding mask is present), its output and the log-sum-exp. r=0 is full fine-tuning: every
+    linear keeps its input (shared per group, in the compute dtype) and the norms their normalised input.
+    Checked against the bytes `torch.autograd.graph.saved_tensors_hooks` sees (tests/test_plan.py).
+    """
+    D, I = s.hidden, s.intermediate
+    # repeat_kv copies k and v to all heads (a padding mask disables SDPA's native GQA); one kv head is a view
+    kv = s.q_dim if 1 < s.kv_heads < s.heads else s.kv_dim
+    total = 2 * 4 * D + 2 * 4  # two RMSNorms keep their fp32 input and rsqrt
+    total += act * (2 * s.q_dim + 2 * kv) + 4 * s.heads  # SDPA: q, k, v, output, logsumexp
+    total += 3 * act * I  # SwiGLU: gate (silu input), silu(gate) and up (the product's inputs)
+    if r == 0:  # full fine-tuning: weight gradients need every linear's input and each norm's normalised input
+        return total + act * (D + D + I) + 2 * act * D
+    groups = {"qkv": (D, ("q_proj", "k_proj", "v_proj", "qkv_proj")), "o": (s.q_dim, ("o_proj",)),
+              "gu": (D, ("gate_proj", "up_proj", "gate_up_proj")), "down": (I, ("down_proj",))}
+    for group, (dim, names) in groups.items():
+        n = sum(1 for m in names if m in lora)
+        if not n:
+            continue
+        if act == 4:  # same dtype as the adapter: each input is saved once; o_proj's is SDPA's output, whose
+            total += 0 if group == "o" else 4 * dim  # (B, T, H, hd) memory layout makes the reshape a view
+        else:
+            total += n * 4 * dim
+    total += 4 * r * len(lora)  # lora_A outputs, kept for lora_B's weight gradient
+    return total
+
+
+def _resolve(cfg: Config, gpu: str | None, vram_gb: float | None) -> tuple[str, GPU | None, str, int, bool]:
+    """(device kind, card, student compute dtype, number of devices, teacher in CPU RAM)."""
+    card: GPU | None = None
+    if gpu is not None:
+        key = gpu.lower().replace("rtx", "").replace("_", "-").strip("- ")
+        if key not in GPUS:
+            raise MinioprdError(f"unknown --gpu {gpu!r}: known are {', '.join(GPUS)} (or give --vram-gb)")
+        card = GPUS[key]
+        if vram_gb is not None:
+            card = GPU(f"{card.name}, {vram_gb:g} GiB", int(vram_gb * 1024), card.bf16)
+    elif vram_gb is not None:
+        if vram_gb <= 0:
+            raise MinioprdError(f"--vram-gb must be > 0, got {vram_gb}")
+        card = GPU(f"a {vram_gb:g} GiB card", int(vram_gb * 1024), True)
+    device = "cuda" if card is not None or cfg.model.device.startswith("cuda") else \
+        ("cpu" if cfg.model.device == "cpu" else "cuda")
+    if device == "cpu":
+        dtype = {"auto": "fp32"}.get(cfg.model.dtype, cfg.model.dtype)
+    else:
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if card is None or card.bf16 else "fp16")
+    two = device == "cuda" and cfg.model.teacher_device not in ("same", cfg.model.device, "cuda") \
+        and not (cfg.model.teacher_device == "cuda:0" and cfg.model.device in ("auto", "cuda", "cuda:0"))
+    return device, card, dtype, 2 if two else 1, two and cfg.model.teacher_device == "cpu"
+
+
+def plan(cfg: Config, gpu: str | None = None, vram_gb: float | None = None, prompt_tokens: int | None = None,
+         propose: bool = True, teacher: ModelShape | None = None, student: ModelShape | None = None) -> Plan:
+    """Estimate the peak memory of `distill(cfg)`; see the module docstring for the terms.
+
+    gpu: a key of GPUS (t4, l4, a10, 3060, 3090, 4090, a100-40, a100-80, ...); vram_gb: a card size in GiB
+    (overrides the size of `gpu`). Neither: a CUDA estimate with no verdict, or a CPU (RAM) estimate when
+    model.device is cpu. prompt_tokens: the longest prompt in a batch (default data.max_prompt_tokens).
+    """
+    from minioprd.layers import layer_map
+
+    t = teacher or model_shape(cfg.model.teacher)
+    s = student or model_shape(cfg.model.student)
+    device, card, dtype, cards, teacher_on_cpu = _resolve(cfg, gpu, vram_gb)
+    pairs = layer_map(cfg.loss.layers, s.layers, t.layers, cfg.loss.teacher_layers)
+    P = prompt_tokens or cfg.data.max_prompt_tokens
+    R = cfg.rollout.max_new_tokens
+    B = cfg.rollout.prompts_per_step * cfg.rollout.n
+    mb = min(cfg.rollout.micro_batch or B, B)
+    p = Plan(t, s, device, card, cards, dtype, B, mb, P, R, pairs, teacher_on_cpu=teacher_on_cpu)
+    _fill(p, cfg)
+    if propose and p.gpu is not None:
+        p.proposals = _proposals(cfg, p, prompt_tokens)
+    return p
+
+
+def _fill(p: Plan, cfg: Config) -> None:
+    t, s, P, R, B, mb = p.teacher, p.student, p.prompt_tokens, p.new_tokens, p.batch, p.micro_batch
+    cuda = p.device == "cuda"
+    b = DTYPE_BYTES[p.dtype]
+    T = P + R
+    tc = 1 if p.cards == 2 else 0  # the teacher's card
+    lc = cfg.loss
+    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    terms: list[Term] = []
+
+    def add(name: str, nbytes: float, phase: str, card: int = 0, detail: str = "") -> float:
+        terms.append(Term(name, float(nbytes), card, phase, detail))
+        return float(nbytes)
+
+    # ---- static: weights and optimizer state
+    ckpt = DTYPE_BYTES.get(t.dtype, 2)
+    if cfg.model.teacher_quant == "4bit":
+        tw = t.linear_params() * NF4_BITS / 8 + t.other_params() * ckpt
+        how = f"NF4 {NF4_BITS:.3f} bit x {t.linear_params() / 1e9:.2f}B linear + {t.other_params() / 1e9:.2f}B " \
+              f"embeddings/norms in {t.dtype}"
+        t_act, t_dt = ckpt, t.dtype  # hidden states follow the unquantized embedding
+    elif cfg.model.teacher_quant == "8bit":
+        rows = t.layers * sum(o for _, o in t.linears().values())
+        tw = t.linear_params() + 4 * rows + t.other_params() * ckpt
+        how = f"int8 x {t.linear_params() / 1e9:.2f}B linear + row scales + {t.other_params() / 1e9:.2f}B in {t.dtype}"
+        t_act, t_dt = ckpt, t.dtype
+    else:
+        t_act, t_dt = (2, "bf16") if p.on_gpu(tc) else (4, "fp32")  # load_teacher: bf16 on GPU, fp32 on CPU
+        tw = t.params() * t_act
+        how = f"{t.params() / 1e9:.2f}B x {t_act} bytes"
+    add(f"teacher weights ({t.name})", tw, "static", tc, how)
+
+    full = cfg.lora.r == 0
+    if cfg.model.student_quant == "4bit":  # prepare_model_for_kbit_training upcasts the rest to fp32 ...
+        sw = s.linear_params() * NF4_BITS / 8 + s.other_params() * 4
+        how = f"QLoRA: NF4 linear + {s.other_params() / 1e9:.2f}B embeddings/norms upcast to fp32"
+        s_act, s_dt = 4, "fp32"  # ... so the residual stream, and every activation, is fp32
+    else:
+        sw = s.params() * b
+        how = f"{s.params() / 1e9:.3f}B x {b} bytes ({p.dtype})"
+        s_act, s_dt = b, p.dtype
+    add(f"student weights ({s.name})", sw, "static", 0, how)
+
+    lora = s.linears() if full else _lora_modules(s, cfg.lora.target_modules)
+    if full:  # every weight trains; AdamW keeps its moments in the parameters' dtype
+        n_lora, g_bytes = s.params(), b
+        add("AdamW moments, full fine-tuning (2 x weights)", 2 * b * n_lora, "static", 0, "lora.r=0")
+    else:
+        n_lora, g_bytes = s.layers * cfg.lora.r * sum(i + o for i, o in lora.values()), 4
+        add("LoRA adapter (fp32)", 4 * n_lora, "static", 0,
+            f"{n_lora:,} params, r={cfg.lora.r}, {len(lora)} modules/block")
+        add("AdamW moments of LoRA (2 x fp32)", 8 * n_lora, "static", 0, "exist from the first step on")
+    n_proj = len(p.pairs) * s.hidden * t.hidden if s.hidden != t.hidden else 0  # made even for OPD-only runs
+    if n_proj:
+        add("projections + AdamW (fp32, 3 copies)", 12 * n_proj, "static", 0,
+            f"{len(p.pairs)} x Linear({s.hidden}->{t.hidden}) = {n_proj:,} params")
+    if cuda:
+        for c in range(p.cards):
+            if p.on_gpu(c):
+                add("CUDA context, cuBLAS, kernels" + (" (teacher card)" if c == 1 else ""), CUDA_CONTEXT, "static",
+                    c, "not visible to torch.cuda.memory_allocated; ~0.3-0.6 GiB")
+
+    # ---- rollout: KV cache and generate's temporaries
+    phases: list[dict[str, float]] = [dict() for _ in range(p.cards)]
+    kv_tok = s.layers * 2 * s.kv_dim * s_act  # bytes of cache per token
+    kv = add("rollout KV cache", kv_tok * B * T, "rollout", 0,
+             f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x (P={P} + R={R}) x {s_act} B")
+
+    def prefill_bytes(rows: int, cols: int, shape: ModelShape, act: int, cast: bool) -> float:
+        """One block's no-grad temporaries over rows x cols tokens, plus the mask and SDPA's float copy."""
+        per_tok = act * (3 * shape.intermediate + 2 * shape.q_dim + 2 * shape.hidden) + 12 * shape.hidden \
+            + (4 * max(shape.hidden, shape.intermediate) if cast else 0)  # PEFT's fp32 cast of a LoRA input
+        return rows * cols * per_tok + rows * cols * cols * (1 + act)
+
+    prefill = prefill_bytes(B, P, s, s_act, s_act != 4 and not full)
+    sample = B * s.vocab * (s_act + 4 + 4 + 8)  # last-token logits, fp32 copy, probs, int64 scratch
+    growth = 2 * B * T * s.kv_dim * s_act  # DynamicCache grows by torch.cat: one layer's K and V copied
+    roll_tr = add("rollout temporaries (prefill block / sampling)", max(prefill, sample + growth), "rollout", 0,
+                  f"prefill {prefill / MIB:.0f} MiB vs sampling {(sample + growth) / MIB:.0f} MiB")
+    phases[0]["rollout"] = kv + roll_tr
+
+    # ---- update: per micro-batch
+    grads = add(("student" if full else "LoRA") + " + projection grads", g_bytes * n_lora + 4 * n_proj, "update", 0)
+    t_layers = ({tl for _, tl in p.pairs} if need_rep else set()) | ({t.layers} if need_opd else set())
+    s_deep = max(([sl for sl, _ in p.pairs] if need_rep else []) + ([s.layers] if need_opd else []))
+    t_deep = max(t_layers)
+    W = min(lc.k, R) if (lc.positions == "first_k" and not need_opd) else R  # loss window (columns), upper bound
+    norm = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    same = norm.get(t_dt, t_dt) == norm.get(s_dt, s_dt) and tc == 0
+    kept_cols = T if same else W  # .to(device, dtype) copies only the window; a no-op keeps the whole view
+    targets = add("teacher targets kept", len(t_layers) * mb * kept_cols * t.hidden * (t_act if same else s_act),
+                  "update", 0, f"{len(t_layers)} layers x mb={mb} x {kept_cols} cols x d_T={t.hidden}"
+                  + ("" if same else f" (copied to the student's {'card' if tc else 'dtype'})"))
+    deq = max(i * o for i, o in t.linears().values()) * 2 if cfg.model.teacher_quant != "none" else 0
+    t_tr = prefill_bytes(mb, T, t, t_act, False) + deq
+    t_transient = add("teacher forward temporaries (one block)", t_tr, "update", tc,
+                      f"mb={mb} x {T} tokens, {t_deep} of {t.layers} blocks run; dequantized weight "
+                      f"{deq / MIB:.0f} MiB")
+    per_tok_layer = _student_layer_bytes(s, s_act, lora, 0 if full else cfg.lora.r)
+    mask_layer = mb * T * T * s_act  # SDPA keeps the padding mask, converted to a float bias, in every block
+    layer_bytes = mb * T * per_tok_layer + mask_layer
+    if cfg.lora.gradient_checkpointing:
+        acts = s_deep * mb * T * s_act * s.hidden + layer_bytes
+        how = f"checkpointing: {s_deep} block inputs + 1 block recomputed ({per_tok_layer / 1024:.1f} KiB/token/block)"
+    else:
+        acts = s_deep * layer_bytes
+        how = f"{s_deep} blocks x mb={mb} x {T} tokens x {per_tok_layer / 1024:.1f} KiB/token" \
+              + f" + {mask_layer / MIB:.0f} MiB mask per block"
+    s_acts = add("student activations kept for backward", acts, "update", 0, how)
+    loss_b = 0.0
+    if need_rep:  # fp32 copies of the states (bf16 views kept too), projection outputs, differences
+        n_rep = len(p.pairs)
+        loss_b += n_rep * mb * W * (4 * t.hidden + (4 * s.hidden if s_act != 4 else 0)) + 3 * mb * W * t.hidden * 4
+        loss_b += n_rep * mb * T * s.hidden * s_act if s_act != 4 else 0
+    opd_b = 0.0
+    if need_opd:  # checkpointed (chunk, V) fp32 logits: log-softmax of both models, probabilities, gradient
+        V = min(t.vocab, s.vocab)
+        opd_b = 5 * min(lc.opd_chunk, mb * W) * V * 4 + mb * W * (s.hidden + t.hidden) * 4
+    loss_t = add("loss activations (fp32)" + (" incl. OPD logit chunks" if need_opd else ""), loss_b + opd_b,
+                 "update", 0, (f"{len(p.pairs)} layers x mb x W={W}" if need_rep else "")
+                 + (f"; OPD {lc.objective}: {lc.opd_chunk}-row chunks of (chunk, V) fp32" if need_opd else ""))
+    # backward through a block: the gradients of its widest tensors (SwiGLU's gate/up, the residual) at once
+    bwd = add("backward work space (one block's gradients)", mb * T * (2 * s.intermediate + 4 * s.hidden) * s_act,
+              "update", 0, "measured on CPU: 0.4-0.55 of the block's saved activations")
+    if tc == 1:
+        phases[0]["update"] = grads + targets + s_acts + loss_t + bwd
+        captured = len(t_layers) * mb * T * t.hidden * t_act
+        phases[1]["update"] = t_transient + captured + (min(lc.opd_chunk, mb * W) * t.vocab * 6 if need_opd else 0)
+    else:
+        phases[0]["update"] = grads + targets + max(t_transient, s_acts + loss_t + bwd)
+    if cuda:  # foreach AdamW: one temporary of all trainables (CPU's for-loop AdamW: one tensor at a time)
+        phases[0]["step"] = grads + add("AdamW step temporaries", g_bytes * n_lora + 4 * n_proj, "step", 0)
+
+    # ---- in-loop evaluation (train.eval_every): greedy rollouts, then both models' states on them at once
+    if cfg.train.eval_every:
+        Be, Te = cfg.eval.batch_size, P + cfg.eval.max_new_tokens
+        ev = kv_tok * Be * Te + max(prefill_bytes(Be, P, s, s_act, s_act != 4 and not full), Be * s.vocab * 20)
+        if cfg.eval.alignment:  # alignment_report keeps every mapped layer's full output of both models
+            n_t = len({tl for _, tl in p.pairs} | {t.layers})
+            n_s = len({sl for sl, _ in p.pairs} | {s.layers})
+            s_states, t_states = n_s * Be * Te * s.hidden * s_act, n_t * Be * Te * t.hidden * t_act
+            kl = 5 * OPD_CHUNK * min(s.vocab, t.vocab) * 4  # reverse KL per token, in chunks of logits
+            t_fwd = prefill_bytes(Be, Te, t, t_act, False) + deq
+            if tc == 1:
+                phases[1]["eval"] = t_states + t_fwd
+                ev = max(ev, s_states + n_t * Be * Te * t.hidden * s_act + max(prefill_bytes(Be, Te, s, s_act, False),
+                                                                                kl))
+            else:
+                ev = max(ev, s_states + t_states + max(t_fwd, kl))
+        phases[0]["eval"] = add("in-loop eval (rollouts, then both models' states)", ev, "eval", 0,
+                                f"eval.batch_size={Be} x {Te} tokens; lower eval.batch_size if this is the peak")
+    if not need_opd:  # ---- not counted: what an output-space OPD term would add
+        V = min(t.vocab, s.vocab)
+        rows = B * W
+        add("(not counted) OPD logits, chunked", 5 * lc.opd_chunk * V * 4 + rows * (s.hidden + t.hidden) * 4, "info",
+            0, f"only with loss.objective=opd_*: {lc.opd_chunk}-row chunks of (chunk, V={V}) fp32; "
+            f"unchunked (B*R, V) logits would be {3 * rows * V * 4 / GIB:.1f} GiB")
+    p.terms, p.phases = terms, phases
+    _notes(p, cfg, tw, tc)
+
+
+def _notes(p: Plan, cfg: Config, teacher_weights: float, tc: int) -> None:
+    lim = p.limit()
+    if p.device == "cuda" and cfg.model.teacher_quant != "none" and p.dtype == "fp16":
+        p.notes.append("models.load_teacher computes the 4-bit teacher in bf16 even on fp16-only cards (T4/P100); "
+                       "it runs (emulated) but slowly")
+    if lim is not None and p.on_gpu(tc) and teacher_weights + CUDA_CONTEXT > lim:
+        p.notes.append(f"the teacher's weights alone ({teacher_weights / GIB:.1f} GiB) exceed the card: use "
+                       f"model.teacher_quant=4bit, a second card (model.teacher_device=cuda:1), a smaller teacher, "
+                       f"or the whole teacher in CPU RAM (model.teacher_device=cpu: fits, but every teacher forward "
+                       f"runs on the CPU)")
+    if p.teacher_on_cpu:
+        p.notes.append("the teacher runs in CPU RAM (model.teacher_device=cpu): its forward over each micro-batch "
+                       "runs on the CPU, expect it to dominate the step time")
+    if not cfg.lora.gradient_checkpointing:
+        p.notes.append("lora.gradient_checkpointing=true trades ~30% speed for most of the activation term")
+    if p.micro_batch == p.batch and p.batch > 1:
+        p.notes.append("rollout.micro_batch (e.g. 1 or 2) shrinks every update-phase term; the rollout is unaffected")
+
+
+LENGTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768)
+PROMPT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _proposals(cfg: Config, base: Plan, prompt_tokens: int | None) -> list[Proposal]:
+    """Largest rollouts that fit: the longest response at the configured prompts per step, the most prompts at
+    the configured length, the most tokens per step (B x R); and, when the run has no gradient checkpointing or
+    large micro-batches, the most tokens per step with both memory savers on."""
+    lim = base.limit()
+    if lim is None:
+        return []
+
+    def peak(c: Config, pps: int, r: int) -> float:
+        c = copy.deepcopy(c)
+        c.rollout.prompts_per_step, c.rollout.max_new_tokens = pps, r
+        q = _quick(c, base, prompt_tokens)
+        return max(q.peak(k) for k in range(q.cards))
+
+    def most_tokens(c: Config) -> tuple[int, int] | None:
+        best = None
+        for r in LENGTHS:
+            if r < 256:
+                continue
+            ks = [k for k in PROMPT_COUNTS if peak(c, k, r) <= lim]
+            if ks and (best is None or ks[-1] * r >= best[0] * best[1]):
+                best = (ks[-1], r)
+        return best
+
+    out: list[Proposal] = []
+    pps0, r0 = cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens
+    lengths = sorted(set(LENGTHS) | {r0})
+    fit_r = [r for r in lengths if peak(cfg, pps0, r) <= lim]
+    if fit_r:
+        out.append(Proposal({"rollout.max_new_tokens": fit_r[-1]}, peak(cfg, pps0, fit_r[-1]) / GIB,
+                            f"longest response at {pps0} prompts x n={cfg.rollout.n}"))
+    fit_p = [k for k in range(1, 65) if peak(cfg, k, r0) <= lim]
+    if fit_p:
+        out.append(Proposal({"rollout.prompts_per_step": fit_p[-1]}, peak(cfg, fit_p[-1], r0) / GIB,
+                            f"most prompts per step at {r0} new tokens"))
+    best = most_tokens(cfg)
+    if best is not None:
+        out.append(Proposal({"rollout.prompts_per_step": best[0], "rollout.max_new_tokens": best[1]},
+                            peak(cfg, *best) / GIB, "most tokens per step (B x R)"))
+    mb = min(2, cfg.rollout.prompts_per_step * cfg.rollout.n)
+    if not cfg.lora.gradient_checkpointing or not cfg.rollout.micro_batch or cfg.rollout.micro_batch > mb:
+        lean = copy.deepcopy(cfg)
+        lean.lora.gradient_checkpointing, lean.rollout.micro_batch = True, 2
+        best_lean = most_tokens(lean)
+        if best_lean is not None and (best is None or best_lean[0] * best_lean[1] > best[0] * best[1]):
+            out.append(Proposal({"lora.gradient_checkpointing": True, "rollout.micro_batch": 2,
+                                 "rollout.prompts_per_step": best_lean[0], "rollout.max_new_tokens": best_lean[1]},
+                                peak(lean, *best_lean) / GIB, "most tokens per step with checkpointing and "
+                                "micro-batches of 2"))
+    return out
+
+
+def _quick(cfg: Config, base: Plan, prompt_tokens: int | None) -> Plan:
+    """Re-plan with the base plan's shapes and card (no file or hub look-ups)."""
+    from minioprd.layers import layer_map
+
+    B = cfg.rollout.prompts_per_step * cfg.rollout.n
+    mb = min(cfg.rollout.micro_batch or B, B)
+    p = Plan(base.teacher, base.student, base.device, base.gpu, base.cards, base.dtype, B, mb,
+             prompt_tokens or cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
+             layer_map(cfg.loss.layers, base.student.layers, base.teacher.layers, cfg.loss.teacher_layers),
+             teacher_on_cpu=base.teacher_on_cpu)
+    _fill(p, cfg)
+    return p
+
+
+def render(p: Plan, console: Any) -> None:
+    """The plan as a rich table, a verdict and the proposals."""
+    from rich.table import Table
+
+    second = " + CPU RAM (teacher)" if p.teacher_on_cpu else " x2 (teacher on the second card)"
+    title = f"minioprd plan: {p.teacher.name} -> {p.student.name} on " + (
+        (p.gpu.name + (second if p.cards == 2 else "")) if p.gpu else ("CPU (RAM)" if p.device == "cpu" else "CUDA"))
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("term")
+    table.add_column("phase")
+    if p.cards == 2:
+        table.add_column("card")
+    table.add_column("GiB", justify="right")
+    table.add_column("how", overflow="fold", max_width=70)
+    for t in p.terms:
+        row = [t.name, t.phase] + ([p.card_name(t.card)] if p.cards == 2 else []) + [f"{t.gib:.2f}", t.detail]
+        table.add_row(*row, style="dim" if t.phase == "info" else None)
+    console.print(table)
+    for c in range(p.cards):
+        which = f" {p.card_name(c)}" if p.cards == 2 else ""
+        ph = ", ".join(f"{k} +{v / GIB:.2f}" for k, v in p.phases[c].items())
+        console.print(f"peak{which}: [bold]{p.peak_gib(c):.2f} GiB[/bold] = static + max({ph})"
+                      + (f" + {ALLOCATOR_SLACK:.0%} allocator slack" if p.on_gpu(c) else ""), highlight=False)
+    console.print(f"shapes: B={p.batch} (prompts x n), micro-batch {p.micro_batch}, P={p.prompt_tokens} prompt + "
+                  f"R={p.new_tokens} new tokens, {len(p.pairs)} mapped layers, {p.dtype}", highlight=False)
+    style = "green" if p.fits else ("red" if p.fits is False else "yellow")
+    console.print(f"[{style}]{p.verdict()}[/{style}]", highlight=False)
+    for pr in p.proposals:
+        console.print(f"  {pr.why}: {pr.overrides}  (~{pr.peak_gib:.1f} GiB)", highlight=False, markup=False)
+    for n in p.notes:
+        console.print(f"note: {n}", highlight=False, markup=False)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset VmHWM (Linux >= 4.0) so the next peak is measured from the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _glibc_mmap_threshold(nbytes: int) -> bool:
+    """Serve new allocations >= nbytes by mmap (returned to the OS on free), with the dynamic threshold off."""
+    try:
+        return bool(_libc().mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except AttributeError:  # not glibc
+        return False
+
+
+def _glibc_trim() -> None:
+    """Give free heap pages back to the OS, so reusing them shows up in RSS (malloc_trim)."""
+    try:
+        _libc().malloc_trim(0)
+    except AttributeError:
+        pass
+
+
+def _warm_up(setup: Any) -> None:
+    """A 2-token rollout and a 4-token forward/backward: one-off allocations (BLAS/oneDNN scratch, lazily
+    imported generation code, autograd's engine) land in the baseline instead of the measured peak."""
+    import torch
+
+    from minioprd.capture import capture_hidden
+    from minioprd.rollout import rollout
+
+    ro = rollout(setup.student, setup.tokenizer, [setup.prompts[0][:4]], n=1, max_new_tokens=2)
+    pos = ro.position_ids()
+    with torch.no_grad():
+        capture_hidden(setup.teacher, ro.input_ids.to(setup.teacher_device), ro.attention_mask.to(
+            setup.teacher_device), pos.to(setup.teacher_device), [1], 0, ro.input_ids.shape[1])
+    h = capture_hidden(setup.student, ro.input_ids, ro.attention_mask, pos, [1], 0, ro.input_ids.shape[1])
+    h[0].float().pow(2).mean().backward()
+    setup.student.zero_grad(set_to_none=True)
+
+
+def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_freed: bool = True) -> dict[str, Any]:
+    """Run `steps` real distill steps in this process; return the measured peak next to the estimate.
+
+    CUDA: torch's peak reserved memory plus the context (card total - free - reserved, read after loading),
+    against the whole estimate. CPU: the training phase, i.e. the peak RSS of the steps minus the RSS once
+    the models are loaded, their pages touched and a tiny warm-up step taken (VmHWM is reset then), against
+    the estimate minus the loaded weights: RSS also holds imported code, tokenizers and prompts that a GPU
+    never sees. Large allocations are served by mmap during the run (glibc mallopt M_MMAP_THRESHOLD=64 KiB,
+    as `MALLOC_MMAP_THRESHOLD_=65536` would) and free heap pages are trimmed before the baseline, so RSS
+    follows the live tensors (with glibc's defaults, heap fragmentation adds a run-dependent 30-270%;
+    `release_freed=False` measures that). The comparison uses the longest real prompt for P.
+    """
+    import tempfile
+
+    import torch
+
+    import minioprd.distill as distill_mod
+    from minioprd import data, losses, models, rollout  # noqa: F401 - import cost belongs to the baseline
+
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.train.steps, run_cfg.train.save_every, run_cfg.train.log_every = steps, 0, 1
+    if run_cfg.model.device == "auto":  # measure where distill will run
+        run_cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = plan(run_cfg, propose=False).device == "cuda"
+    mmap_set = False if cuda or not release_freed else _glibc_mmap_threshold(64 * 1024)
+    seen: dict[str, Any] = {}
+    original = distill_mod.prepare
+
+    def prepare_then_reset(*a: Any, **kw: Any) -> Any:
+        setup = original(*a, **kw)
+        seen["P"] = max(len(p) for p in setup.prompts)
+        if cuda:
+            seen["context"] = {}
+            for d in sorted({str(setup.device), str(setup.teacher_device)}):
+                free, total = torch.cuda.mem_get_info(d)
+                seen["context"][d] = total - free - torch.cuda.memory_reserved(d)
+                torch.cuda.reset_peak_memory_stats(d)
+        else:
+            with torch.no_grad():  # page in memory-mapped checkpoint tensors: they are weights, not training
+                for m in (setup.student, setup.teacher, setup.projections):
+                    for t in list(m.parameters()) + list(m.buffers()):
+                        t.detach().view(-1)[:: 1024].float().sum() if t.numel() else None
+            _warm_up(setup)
+            _glibc_trim()  # free heap left by earlier work would otherwise be reused without showing in RSS
+            seen["after_load"] = _proc_status("VmRSS") or 0
+            seen["hwm_reset"] = _reset_rss_peak()
+        return setup
+
+    original_plot = distill_mod._plot
+
+    def plot_after_peak(out: Any) -> None:  # the PNG is drawn after training, in CPU memory: not part of it
+        seen["hwm"] = _proc_status("VmHWM") or 0
+        original_plot(out)
+
+    distill_mod.prepare, distill_mod._plot = prepare_then_reset, plot_after_peak
+    try:
+        with tempfile.TemporaryDirectory(prefix="minioprd-measure-") as tmp:
+            run_cfg.train.output_dir = output_dir or tmp
+            distill_mod.distill(run_cfg, console=None, force=True)
+    finally:
+        distill_mod.prepare, distill_mod._plot = original, original_plot
+        if mmap_set:
+            _glibc_mmap_threshold(128 * 1024)  # glibc's initial value (the dynamic adjustment stays off)
+    est = plan(run_cfg, propose=False, prompt_tokens=seen.get("P"))
+    estimated = max(est.peak(c) for c in range(est.cards))
+    out: dict[str, Any] = {"device": est.device, "steps": steps, "prompt_tokens": seen.get("P"), "plan": est}
+    if cuda:
+        measured = max(torch.cuda.max_memory_reserved(d) + c for d, c in seen["context"].items())
+        out.update(estimated_mib=estimated / MIB, measured_mib=measured / MIB, error=estimated / max(measured, 1) - 1,
+                   how="whole run: torch max_memory_reserved + CUDA context")
+    else:
+        loaded = sum(t.bytes for t in est.terms if t.name.startswith(("teacher weights", "student weights",
+                                                                          "LoRA adapter")))
+        loaded += sum(t.bytes / 3 for t in est.terms if t.name.startswith("projections"))  # moments come later
+        measured = seen.get("hwm", _proc_status("VmHWM") or 0) - seen.get("after_load", 0)
+        out.update(estimated_mib=(estimated - loaded) / MIB, measured_mib=measured / MIB,
+                   total_estimated_mib=estimated / MIB, error=(estimated - loaded) / max(measured, 1) - 1,
+                   how="training phase: peak RSS of the steps minus RSS after loading"
+                   + ("" if seen.get("hwm_reset") else " (VmHWM could not be reset: not comparable)")
+                   + ("" if mmap_set else " (glibc's default heap: includes fragmentation)"))
+    return out
