@@ -181,6 +181,8 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads (0 = number of cores).", min=0)
     eval_every: int = _f(0, "Evaluate every N steps and before the first (settings in the eval section); "
                          "0 = off.", min=0)
+    report_to: Any = _f([], "Also send metrics to these trackers when installed: [tensorboard], [wandb] "
+                        "(metrics.jsonl is always written).")
     collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
                                    "(the student is collapsing into repetition).", min=0.0, max=1.0)
 
@@ -317,6 +319,9 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"loss.teacher_layers must be auto or a list of layer numbers, got {tl!r}")
     if "{prompt}" not in cfg.data.prompt_template:
         problems.append(f"data.prompt_template must contain {{prompt}}, got {cfg.data.prompt_template!r}")
+    rt = cfg.train.report_to
+    if not (isinstance(rt, list) and all(x in ("tensorboard", "wandb") for x in rt)):
+        problems.append(f"train.report_to must be a list of tensorboard, wandb, got {rt!r}")
     tm = cfg.lora.target_modules
     if not (isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
         problems.append(f"lora.target_modules must be all-linear or a list of module names, got {tm!r}")

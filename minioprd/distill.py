@@ -520,11 +520,15 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                 atomic_write_json(out / "best" / "best.json", {"step": step, "metric": key, "value": value})
         return figures
 
+    from minioprd.loggers import Trackers
+
+    trackers = Trackers(list(cfg.train.report_to), out, cfg.to_dict())
     t_start = time.time()
     if first_step == 1:
         initial = run_eval(0)
         if initial:
             append_jsonl(out / "metrics.jsonl", {"step": 0, **initial})
+            trackers.log({"step": 0, **initial})
     progress = _progress(console, cfg.train.steps, first_step - 1)
     history: list[dict[str, Any]] = []
     step = first_step - 1
@@ -547,6 +551,7 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                 history.append(record)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     append_jsonl(out / "metrics.jsonl", record)
+                    trackers.log(record)
                 if record["collapse_warning"] and console is not None:
                     progress.console.print(
                         f"[yellow]warning:[/yellow] step {step}: rollouts are repeating themselves (distinct-token "
@@ -568,6 +573,7 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
                     checkpoint(step)
     finally:
+        trackers.close()
         if progress is not None:
             progress.stop()
     save_adapter(s, final_dir(s))

@@ -192,3 +192,20 @@ def test_merge_lora_for_rollouts_unmerges_after(tmp_path):
     for n, p in s.student.named_parameters():
         if n in base:
             torch.testing.assert_close(p.detach(), base[n], rtol=0, atol=1e-5)
+
+
+def test_report_to_tensorboard_gets_the_same_numbers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "3", "train.report_to=[tensorboard]"])
+    assert r.exit_code == 0, r.output
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert "layer_cos/0" in acc.Tags()["scalars"]
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "o2"), "train.report_to=[mlflow]"])
+    assert r.exit_code == 2 and "train.report_to" in r.stderr
