@@ -185,6 +185,9 @@ class TrainConfig:
                         "(metrics.jsonl is always written).")
     collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
                                    "(the student is collapsing into repetition).", min=0.0, max=1.0)
+    collapse_repetition: float = _f(0.5, "Warn when more than this fraction of the student's answers loop (a "
+                                    "4-gram 3 times in the last 32 tokens), in the rollouts or in the in-loop "
+                                    "eval's greedy answers, where collapse shows first.", min=0.0, max=1.0)
 
 
 @dataclass

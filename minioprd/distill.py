@@ -548,15 +548,19 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                 record["elapsed_s"] = counters["elapsed_before"] + time.time() - t_start
                 if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     record.update(run_eval(step))
+                    if record.get("eval/repetition", 0.0) > cfg.train.collapse_repetition:
+                        record["collapse_warning"] = True
                 history.append(record)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     append_jsonl(out / "metrics.jsonl", record)
                     trackers.log(record)
                 if record["collapse_warning"] and console is not None:
                     progress.console.print(
-                        f"[yellow]warning:[/yellow] step {step}: rollouts are repeating themselves (distinct-token "
-                        f"ratio {record['distinct']:.2f} < {cfg.train.collapse_threshold}); lower train.lr or add an "
-                        f"output-space term")
+                        f"[yellow]warning:[/yellow] step {step}: the student is repeating itself (distinct-token "
+                        f"ratio {record['distinct']:.2f}, looping answers {record['repetition']:.0%}"
+                        + (f", in eval {record['eval/repetition']:.0%}" if "eval/repetition" in record else "")
+                        + "); lower train.lr, train fewer steps, or add an output-space term (loss.objective=opd_topk "
+                          "loss.mu=1)")
                 if progress is not None:
                     progress.update(progress.task_ids[0], advance=1,
                                     figures=f"loss {record['loss']:.4g} cos {record['cos'] or 0:.3f} "
@@ -628,6 +632,9 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
     t2 = time.time()
     gen_tokens = int(ro.response_mask.sum())
     distinct = distinct_ratio(ro)
+    from minioprd.alignment import repetition_rate
+
+    looping = repetition_rate([row[m].tolist() for row, m in zip(ro.responses, ro.response_mask)])
     layer_cos = figures["layer_cos"]
     return {
         "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"], "loss_opd": figures["loss_opd"],
@@ -635,7 +642,8 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         "layer_cos": [round(c, 5) for c in layer_cos], "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
         "response_len": gen_tokens / ro.input_ids.shape[0],
         "eos_frac": float((ro.response_mask.sum(1) < ro.response_mask.shape[1]).float().mean()),
-        "distinct": distinct, "collapse_warning": distinct < cfg.train.collapse_threshold,
+        "distinct": distinct, "repetition": looping,
+        "collapse_warning": distinct < cfg.train.collapse_threshold or looping > cfg.train.collapse_repetition,
         "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": counters["nonfinite_total"],
         "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
     }

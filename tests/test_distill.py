@@ -209,3 +209,27 @@ def test_report_to_tensorboard_gets_the_same_numbers(tmp_path):
     assert "layer_cos/0" in acc.Tags()["scalars"]
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "o2"), "train.report_to=[mlflow]"])
     assert r.exit_code == 2 and "train.report_to" in r.stderr
+
+
+def test_collapse_warning_fires_on_looping_rollouts(tmp_path, monkeypatch):
+    """Rollouts that loop (a 4-gram over and over) are flagged in metrics and warned about."""
+    import minioprd.distill as d
+    from minioprd.rollout import Rollout
+
+    orig = d.rollout
+
+    def looping(model, tok, prompts, **kw):
+        ro = orig(model, tok, prompts, **kw)
+        R = ro.response_mask.shape[1]
+        loop = torch.tensor([5, 6, 7, 8] * (R // 4 + 1))[:R]
+        ids = ro.input_ids.clone()
+        ids[:, ro.prompt_len:] = loop
+        mask = torch.ones_like(ro.response_mask)
+        return Rollout(ids, torch.cat([ro.attention_mask[:, :ro.prompt_len], mask.long()], 1), mask, ro.prompt_len)
+
+    monkeypatch.setattr(d, "rollout", looping)
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["repetition"] == 1.0 and x["collapse_warning"] for x in rows)
+    assert "repeating itself" in r.stdout
