@@ -168,13 +168,7 @@ def _project(projection: nn.Module | None, hidden: Tensor) -> Tensor:
     return projection(hidden if param is None else hidden.to(param.dtype))
 
 
-def _paired_layers(
-    student_layers: Sequence[Tensor],
-    teacher_layers: Sequence[Tensor],
-    projections: Sequence[nn.Module | None] | None,
-) -> list[tuple[Tensor, Tensor]]:
-    """Project each student layer to the teacher's width; check that the layers pair up."""
-    n_s, n_t = len(student_layers), len(teacher_layers)
+def _check_layers(n_s: int, n_t: int, projections: Sequence[nn.Module | None] | None) -> None:
     if n_s != n_t or n_s == 0:
         raise ValueError(
             f"need the same, non-zero number of student and teacher layers, got {n_s} and {n_t}; "
@@ -184,16 +178,33 @@ def _paired_layers(
         raise ValueError(
             f"got {len(projections)} projections for {n_s} layers; pass one per layer (None = identity)"
         )
-    pairs = []
-    for i, (s, t) in enumerate(zip(student_layers, teacher_layers)):
-        s = _project(projections[i] if projections is not None else None, s)
-        if s.shape[-1] != t.shape[-1]:
-            raise ValueError(
-                f"layer {i}: student width {s.shape[-1]} != teacher width {t.shape[-1]}; "
-                "give a projection (a bias-free nn.Linear D_S -> D_T) for this layer"
-            )
-        pairs.append((s, t))
-    return pairs
+
+
+def _projected(i: int, s: Tensor, t: Tensor, projection: nn.Module | None) -> Tensor:
+    """Student layer i projected to the teacher's width (checked)."""
+    s = _project(projection, s)
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"layer {i}: student width {s.shape[-1]} != teacher width {t.shape[-1]}; "
+            "give a projection (a bias-free nn.Linear D_S -> D_T) for this layer"
+        )
+    return s
+
+
+def _paired_layers(
+    student_layers: Sequence[Tensor],
+    teacher_layers: Sequence[Tensor],
+    projections: Sequence[nn.Module | None] | None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Project each student layer to the teacher's width; check that the layers pair up."""
+    _check_layers(len(student_layers), len(teacher_layers), projections)
+    return [(_projected(i, s, t, projections[i] if projections is not None else None), t)
+            for i, (s, t) in enumerate(zip(student_layers, teacher_layers))]
+
+
+def _layer_loss(s: Tensor, t: Tensor, *, i: int, projection: nn.Module | None, mask: Tensor, kind: str,
+                reduction: str) -> Tensor:
+    return REP_LOSSES[kind](_projected(i, s, t, projection), t, mask, reduction=reduction)
 
 
 def representation_loss(
@@ -203,18 +214,29 @@ def representation_loss(
     kind: str = "scale_mse",
     reduction: str = "sequence",
     projections: Sequence[nn.Module | None] | None = None,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """OPRD over layers: L = 1/L · Σ_l REP_LOSSES[kind](P_l(h_S^(l)), h_T^(l), mask), P_l = projections[l] or id.
 
     student_layers[l]: (B, T, D_S); teacher_layers[l]: (B, T, D_T); mask: (B, T) bool.
     Returns (scalar loss, (L,) detached per-layer losses for logging). Layers are weighted uniformly
     (paper Eq. 6); gradients reach the student states and the projections, never the teacher.
+    With `recompute` (default) each layer's projection and loss terms are recomputed in backward instead of
+    kept: with every layer of a model mapped, those fp32 (N, D) intermediates would otherwise outweigh the
+    saving from skipping the LM head.
     """
     if kind not in REP_LOSSES:
         raise ValueError(f"kind must be one of {', '.join(REP_LOSSES)}, got {kind!r}")
-    loss_fn = REP_LOSSES[kind]
-    pairs = _paired_layers(student_layers, teacher_layers, projections)
-    per_layer = torch.stack([loss_fn(s, t, mask, reduction=reduction) for s, t in pairs])  # (L,)
+    _check_layers(len(student_layers), len(teacher_layers), projections)
+    losses = []
+    for i, (s, t) in enumerate(zip(student_layers, teacher_layers)):
+        fn = partial(_layer_loss, i=i, projection=projections[i] if projections is not None else None, mask=mask,
+                     kind=kind, reduction=reduction)
+        if recompute and torch.is_grad_enabled() and s.requires_grad:
+            losses.append(checkpoint(fn, s, t, use_reentrant=False))
+        else:
+            losses.append(fn(s, t))
+    per_layer = torch.stack(losses)  # (L,)
     return per_layer.mean(), per_layer.detach()
 
 

@@ -492,3 +492,19 @@ def test_opd_keeps_no_vocab_sized_tensor_for_backward(kind):
         loss = OPD_LOSSES[kind](sh, th, tokens, OPD_MASK, s_head, t_head, vocab_size=VOCAB, k=5, chunk_size=3)
     loss.backward()
     assert saved and all(not shape or shape[-1] < VOCAB for shape in saved), saved
+
+
+def test_recomputed_layers_give_the_same_loss_and_gradients():
+    torch.manual_seed(3)
+    s = [torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    t = [torch.randn(2, 5, 10, dtype=torch.float64) for _ in range(3)]
+    mask = torch.rand(2, 5) > 0.3
+    proj = [torch.nn.Linear(6, 10, bias=False).double() for _ in range(3)]
+    out = {}
+    for recompute in (True, False):
+        loss, per_layer = representation_loss(s, t, mask, kind="scale_mse", projections=proj, recompute=recompute)
+        grads = torch.autograd.grad(loss, s + [p.weight for p in proj])
+        out[recompute] = (loss.detach(), per_layer, grads)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    for a, b in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
