@@ -147,7 +147,11 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
                     steps=steps, device=device, topk=topk, chunk=chunk, threads=threads)
         code = ("import json,sys; from minioprd.bench import measure_one; "
                 f"print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+        # Large allocations via mmap, so freed tensors leave RSS at once and the peak tracks live memory
+        # rather than glibc's heap high-water mark.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                              env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -119,7 +119,7 @@ _FLAG_KEYS = {
     "field": "data.field", "output_dir": "train.output_dir", "steps": "train.steps", "lr": "train.lr",
     "seed": "train.seed", "loss": "loss.kind", "layers": "loss.layers", "positions": "loss.positions",
     "prompts_per_step": "rollout.prompts_per_step", "n": "rollout.n",
-    "max_new_tokens": "rollout.max_new_tokens",
+    "max_new_tokens": "rollout.max_new_tokens", "teacher_device": "model.teacher_device",
 }
 
 
@@ -134,6 +134,8 @@ def distill(
     teacher_quant: Annotated[Optional[str], typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = None,
     student_quant: Annotated[Optional[str], typer.Option(help="Student base: none or 4bit (QLoRA).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    teacher_device: Annotated[Optional[str], typer.Option(help="Teacher on another device: cuda:1 (Kaggle 2xT4) or "
+                                                               "cpu (teacher in RAM when it does not fit).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Hub data set or local jsonl/json/parquet/csv.")] = None,
     field: Annotated[Optional[str], typer.Option(help="Prompt column (default: auto-detect).")] = None,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
@@ -549,19 +551,22 @@ def demo(
     pairings: Annotated[str, typer.Option(help="shared (teacher = further-trained copy of the student), wide "
                                           "(wider/deeper teacher from scratch), or both, comma-separated.")]
     = "shared,wide",
-    lr: Annotated[Optional[float], typer.Option(help="Demo: OPRD learning rate (default 1e-2 for LoRA, 1e-3 "
-                                                "with --lora-r 0).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Demo: learning rate (default: the method's rate picked on "
+                                                "the validation split by --compare, e.g. OPRD 1e-2 with LoRA, "
+                                                "3e-3 with --lora-r 0).", show_default=False)] = None,
     lora_r: Annotated[int, typer.Option(help="Demo: LoRA rank of the student (0 = full fine-tuning).")] = 16,
     seeds: Annotated[int, typer.Option(help="--compare: seeds per row.")] = 3,
     methods: Annotated[Optional[str], typer.Option(help="--compare: comma-separated methods (default all: oprd, "
-                                                   "opd_sampled, opd_topk, opd_full, opd_topk+oprd, sft_teacher).",
+                                                   "opd_sampled, opd_topk, opd_full, opd_topk+oprd, opd_full+oprd, "
+                                                   "sft_teacher). Demo: one method for every pairing (default oprd "
+                                                   "on the shared-origin pair, opd_full+oprd on the wide one).",
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
                                                  "(default all: oprd/token, oprd/mse, oprd/normalized_mse, "
                                                  "oprd/last_layer, oprd/last_k=8, oprd/full_ft, opd_full/full_ft).",
                                                  show_default=False)] = None,
     lrs: Annotated[Optional[str], typer.Option(help="--compare: LoRA learning-rate grid, comma-separated "
-                                               "(default 2e-3,5e-3,1e-2,2e-2).", show_default=False)] = None,
+                                               "(default 1e-4,3e-4,1e-3,3e-3,1e-2).", show_default=False)] = None,
     n_test: Annotated[int, typer.Option(help="Test problems evaluated (at most 200).")] = 200,
     threads: Annotated[int, typer.Option(help="torch CPU threads (tiny models: 1 is fastest).")] = 1,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain the cached demo models.")] = False,
@@ -570,7 +575,7 @@ def demo(
     OPRD closing the gap; --compare reproduces the paper's OPRD-vs-OPD comparison in miniature.
 
     [bold]minioprd demo[/bold]            (~2-5 min on 2 cores: report.json + demo.png in runs/demo)
-    [bold]minioprd demo --compare[/bold]  (compare.json + compare.md + compare.png in runs/demo-compare)
+    [bold]minioprd demo --compare[/bold]  (~1 h: compare.json + compare.md + compare.png in runs/demo-compare)
     """
 
     def go() -> None:
@@ -593,9 +598,14 @@ def demo(
                           pairings=pair_list, knobs=knob_list, lrs=grid, n_test=n_test, threads=threads,
                           console=console, rebuild=rebuild)
         else:
-            rate = lr if lr is not None else (d.DEMO_LR if lora_r else d.DEMO_FULL_LR)
-            d.run_demo(output_dir or "runs/demo", steps=steps, lr=rate, lora_r=lora_r, pairings=pair_list,
-                       n_test=n_test, threads=threads, console=console, rebuild=rebuild)
+            chosen = None
+            if methods:
+                if "," in methods:
+                    raise MinioprdError("the demo runs one method per pairing: pass one --methods NAME (or use "
+                                        "--compare for several)")
+                chosen = {p: methods.strip() for p in pair_list}
+            d.run_demo(output_dir or "runs/demo", steps=steps, lr=lr, lora_r=lora_r, pairings=pair_list,
+                       methods=chosen, n_test=n_test, threads=threads, console=console, rebuild=rebuild)
 
     run(go)
 

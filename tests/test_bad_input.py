@@ -1,0 +1,107 @@
+"""Table of bad inputs: each is exit code 2, one line naming the problem, no traceback, nothing earlier changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from minioprd.cli import app
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_dirs):
+    """A finished run (whose files must never change) and a set of bad files."""
+    root = tmp_path_factory.mktemp("bad")
+    run = root / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(run), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    (root / "nofield.jsonl").write_text('{"text": "hi"}\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "notes.txt").write_text("hello\n")
+    (root / "bad.yaml").write_text("model: [unclosed\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "prompts.jsonl").write_text('{"prompt": "What is 1+1?"}\n{"prompt": "What is 2+2?"}\n')
+    (root / "nomodel").mkdir()
+    shutil.copytree(run / "adapter", root / "adapterdir")
+    other = root / "other-teacher"  # the tiny teacher with a foreign tokenizer config: ids mismatch
+    shutil.copytree(tiny_dirs["teacher"], other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    from test_align import other_tokenizer
+
+    other_tokenizer().save_pretrained(other)
+    return root, run
+
+
+CASES = [
+    # (arguments after `distill -r tiny-cpu.yaml -o NEW`, text the one line must contain)
+    (["--student", "/no/such/model"], "student path '/no/such/model' does not exist"),
+    (["--teacher", "./missing-teacher"], "teacher path './missing-teacher' does not exist"),
+    (["--student", "{root}/nomodel"], "has no config.json"),
+    (["--student", "{root}/adapterdir"], "looks like a LoRA adapter"),
+    (["--teacher", "Qwen2.5-7B"], "not in the local Hugging Face cache"),
+    (["--student", "NotAModel"], "unknown student 'NotAModel'"),
+    (["loss.knd=mse"], "did you mean 'kind'"),
+    (["trian.steps=3"], "unknown config section 'trian'"),
+    (["train.steps=many"], "train.steps: expected an integer"),
+    (["train.lr=-1"], "train.lr must be > 0"),
+    (["rollout.top_p=1.5"], "rollout.top_p must be <= 1.0"),
+    (["loss.positions=middle"], "loss.positions must be one of"),
+    (["loss.kind=l1"], "loss.kind must be one of"),
+    (["train.lr=0", "rollout.n=0", "lora.dropout=2"], "3 problems in the config"),
+    (["notanoverride"], "is not section.key=value"),
+    (["loss.layers=[9]"], "layers 1..2"),
+    (["loss.teacher_layers=[1]"], "one teacher layer per student layer"),
+    (["data.prompt_template=nothing"], "must contain {prompt}"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["lora.target_modules=[nope_proj]"], "target_modules"),
+    (["--dataset", "{root}/missing.jsonl"], "missing.jsonl"),
+    (["--dataset", "{root}/nofield.jsonl"], "--field"),
+    (["--dataset", "{root}/prompts.jsonl", "--field", "question"], "has no column 'question'"),
+    (["--dataset", "{root}/empty.jsonl"], "empty.jsonl"),
+    (["--dataset", "{root}/notes.txt"], "notes.txt"),
+    (["--dataset", "{root}/prompts.jsonl", "data.max_prompt_tokens=2"], "longer than"),
+    (["--teacher", "{root}/other-teacher", "loss.objective=opd_topk", "model.teacher_quant=none"],
+     "needs a shared vocabulary"),
+    (["train.report_to=[mlflow]"], "train.report_to"),
+    (["--recipe", "{root}/bad.yaml"], "is not valid YAML"),
+    (["--recipe", "{root}/list.yaml"], "must be a mapping"),
+    (["--recipe", "{root}/nope.yaml"], "not found"),
+    (["--resume", "{root}/nomodel"], "not a minioprd run directory"),
+    (["loss.bridge={root}/nomodel", "model.teacher_quant=none"], "bridge"),
+]
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[c[1][:40] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, args, expected):
+    root, run = world
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = [a.replace("{root}", str(root)) for a in args]
+    out = root / "new-run"
+    result = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error:") and expected.replace("{root}", str(root)) in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not (out / "metrics.jsonl").exists()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_existing_run_is_refused_and_kept(world):
+    root, run = world
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(run), "--steps", "3"])
+    assert result.exit_code == 2 and "already holds a run with another config" in result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) + 1 >= 25
