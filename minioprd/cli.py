@@ -563,7 +563,8 @@ def demo(
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
                                                  "(default all: oprd/token, oprd/mse, oprd/normalized_mse, "
-                                                 "oprd/last_layer, oprd/last_k=8, oprd/full_ft, opd_full/full_ft).",
+                                                 "oprd/last_layer, oprd/last_k=8, oprd/full_ft, opd_full/full_ft, "
+                                                 "opd_full+oprd/mu=10).",
                                                  show_default=False)] = None,
     lrs: Annotated[Optional[str], typer.Option(help="--compare: LoRA learning-rate grid, comma-separated "
                                                "(default 1e-4,3e-4,1e-3,3e-3,1e-2).", show_default=False)] = None,
