@@ -83,3 +83,22 @@ def test_output_space_objective_needs_a_shared_vocabulary(tmp_path, other_teache
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--teacher", str(other_teacher),
                             "loss.objective=opd_full", "model.teacher_quant=none"])
     assert r.exit_code == 2 and "needs a shared vocabulary" in r.stderr
+
+
+def test_bridge_and_distill_across_widths_depths_and_tokenizers(tmp_path, other_teacher):
+    """Tiny student (2 x 64) and a teacher of 4 x 128 with another tokenizer: bridge, then distill in it."""
+    b = tmp_path / "bridge"
+    r = runner.invoke(app, ["bridge", "--teacher", str(other_teacher), "--student", "builtin:tiny-student",
+                            "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "4", "--prompts", "12",
+                            "--max-new-tokens", "8", "--epochs", "2", "--teacher-quant", "none", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--teacher", str(other_teacher), "--steps", "4",
+                            f"loss.bridge={b}", "loss.kind=normalized_mse", "loss.coef=10", "model.teacher_quant=none",
+                            "train.lr=3e-3"])
+    assert r.exit_code == 0, r.output
+    assert "tokenizers differ" in r.stdout and "bridge:" in r.stdout
+    rows = _rows(out)
+    assert len(rows) == 4 and all(x["loss"] > 0 for x in rows)
+    meta = json.loads((out / "adapter" / "minioprd.json").read_text())
+    assert meta["same_tokenizer"] is False and meta["bridge"]["rank"] == 4
