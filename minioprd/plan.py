@@ -556,9 +556,10 @@ def _fill(p: Plan, cfg: Config) -> None:
               + f" + {mask_layer / MIB:.0f} MiB mask per block"
     s_acts = add("student activations kept for backward", acts, "update", 0, how)
     loss_b = 0.0
-    if need_rep:  # fp32 copies of the states (bf16 views kept too), projection outputs, differences
+    if need_rep:  # fp32 copies of bf16 states (kept: checkpoint inputs); one layer's projection and
+        # differences at a time, since losses.representation_loss recomputes them in backward
         n_rep = len(p.pairs)
-        loss_b += n_rep * mb * W * (4 * t.hidden + (4 * s.hidden if s_act != 4 else 0)) + 3 * mb * W * t.hidden * 4
+        loss_b += n_rep * mb * W * (4 * s.hidden if s_act != 4 else 0) + 3 * mb * W * t.hidden * 4
         loss_b += n_rep * mb * T * s.hidden * s_act if s_act != 4 else 0
     opd_b = 0.0
     if need_opd:  # checkpointed (chunk, V) fp32 logits: log-softmax of both models, probabilities, gradient
