@@ -149,7 +149,8 @@ class EvalConfig:
     dataset: str = _f("", "Held-out set with answers (file or hub); empty = hold out eval.holdout prompts from "
                       "the training data, so the test set is never used to pick a checkpoint.")
     split: str = _f("test", "Split of eval.dataset.")
-    holdout: int = _f(16, "Prompts held out from training when eval.dataset is empty.", min=1)
+    holdout: int = _f(16, "Prompts held out from training when eval.dataset is empty (0 = none: only for a "
+                      "custom evaluator passed to distill()).", min=0)
     task: bool = _f(True, "Task accuracy (greedy avg@1, graded with math-verify) when the prompts have answers.")
     alignment: bool = _f(True, "Per-layer cosine and reverse KL to the teacher on the student's own responses.")
     max_new_tokens: int = _f(256, "Longest evaluation response.", min=1)

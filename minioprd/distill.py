@@ -120,7 +120,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     if cfg.train.eval_every:
         if cfg.eval.dataset:
             eval_examples = load_examples(cfg.eval.dataset, split=cfg.eval.split, field=cfg.data.field)
-        else:  # held out from the training prompts: checkpoints are never picked on a test set by default
+        elif cfg.eval.holdout:  # held out from the training prompts: never pick checkpoints on a test set
             if len(examples) <= cfg.eval.holdout:
                 raise MinioprdError(f"eval.holdout={cfg.eval.holdout} leaves no training prompts out of "
                                     f"{len(examples)}: lower it or name eval.dataset")
@@ -502,6 +502,9 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         return path
 
     if evaluator is None and cfg.train.eval_every:
+        if not s.eval_examples:
+            raise MinioprdError("train.eval_every is set but there is nothing to evaluate on: set eval.holdout > 0 "
+                                "or name eval.dataset")
         evaluator = default_evaluator(s)
 
     def run_eval(step: int) -> dict[str, float]:
@@ -554,7 +557,10 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     append_jsonl(out / "metrics.jsonl", record)
                     trackers.log(record)
-                if record["collapse_warning"] and console is not None:
+                warned = counters.setdefault("collapse_warnings", 0)
+                if record["collapse_warning"]:
+                    counters["collapse_warnings"] += 1
+                if record["collapse_warning"] and console is not None and warned % 10 == 0:  # 1st, 11th, ...
                     progress.console.print(
                         f"[yellow]warning:[/yellow] step {step}: the student is repeating itself (distinct-token "
                         f"ratio {record['distinct']:.2f}, looping answers {record['repetition']:.0%}"

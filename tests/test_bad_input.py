@@ -76,6 +76,7 @@ CASES = [
     (["--recipe", "{root}/nope.yaml"], "not found"),
     (["--resume", "{root}/nomodel"], "not a minioprd run directory"),
     (["loss.bridge={root}/nomodel", "model.teacher_quant=none"], "bridge"),
+    (["train.eval_every=2", "eval.holdout=0"], "nothing to evaluate on"),
 ]
 
 
