@@ -146,7 +146,7 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
         args = dict(arch=arch, objective=obj, batch=batch, prompt_len=prompt_len, response_len=response_len,
                     steps=steps, device=device, topk=topk, chunk=chunk, threads=threads)
         code = ("import json,sys; from minioprd.bench import measure_one; "
-                f"print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
+                "print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
         # Large allocations via mmap, so freed tensors leave RSS at once and the peak tracks live memory
         # rather than glibc's heap high-water mark.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}

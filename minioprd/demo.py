@@ -44,7 +44,8 @@ from typing import Any, Callable
 import torch
 
 from minioprd.errors import MinioprdError
-from minioprd.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from minioprd.files import atomic_write_json, atomic_write_text, read_jsonl
+from minioprd.report import save_png
 
 PAIR_VERSION = "v1"
 VOCAB_ROWS = 512
@@ -614,7 +615,6 @@ def plot_demo(report: dict[str, Any], png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    import io
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for i, row in enumerate(report["rows"]):
@@ -634,10 +634,7 @@ def plot_demo(report: dict[str, Any], png: Path) -> bool:
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+    save_png(fig, png, dpi=100)
     return True
 
 
@@ -921,7 +918,6 @@ def plot_compare(result: dict[str, Any], png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    import io
 
     pairings = list(result["reference"])
     fig, axes = plt.subplots(1, len(pairings), figsize=(6.5 * len(pairings), 4.2), squeeze=False)
@@ -944,8 +940,5 @@ def plot_compare(result: dict[str, Any], png: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+    save_png(fig, png, dpi=100)
     return True

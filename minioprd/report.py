@@ -48,9 +48,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Render a matplotlib figure to PNG atomically (temp file + rename) and close it."""
+    path = Path(path)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -75,7 +77,7 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> bool:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, Path(png))
+    save_png(fig, Path(png))
     return True
 
 
@@ -144,7 +146,7 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set(title="loss", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend()
-        written.append(_save(fig, out_dir / "loss.png"))
+        written.append(save_png(fig, out_dir / "loss.png"))
 
     cos_rows = [r for r in rows if r.get("layer_cos")]
     if cos_rows:
@@ -168,7 +170,7 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         ax2.grid(alpha=0.3)
         ax2.legend()
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "layer_cos.png"))
+        written.append(save_png(fig, out_dir / "layer_cos.png"))
 
     keys = _eval_keys(evals)
     if keys:
@@ -183,7 +185,7 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "eval.png"))
+        written.append(save_png(fig, out_dir / "eval.png"))
 
     if rows and has("response_len"):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -200,7 +202,7 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best")
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "response_len.png"))
+        written.append(save_png(fig, out_dir / "response_len.png"))
 
     if rows and has("tokens_per_s"):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -214,7 +216,7 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         ax2.grid(alpha=0.3)
         ax2.legend()
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "throughput.png"))
+        written.append(save_png(fig, out_dir / "throughput.png"))
     return written
 
 
