@@ -17,28 +17,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Real shapes (config.json of each model on the hub): layers, hidden, mlp, heads, kv heads, head_dim, vocab, tied.
-ARCHS: dict[str, tuple[str, int, int, int, int, int, int | None, int, bool]] = {
-    "qwen2.5-0.5b": ("qwen2", 24, 896, 4864, 14, 2, None, 151936, True),
-    "qwen2.5-1.5b": ("qwen2", 28, 1536, 8960, 12, 2, None, 151936, True),
-    "qwen2.5-3b": ("qwen2", 36, 2048, 11008, 16, 2, None, 151936, True),
-    "qwen2.5-7b": ("qwen2", 28, 3584, 18944, 28, 4, None, 152064, False),
-    "qwen3-0.6b": ("qwen3", 28, 1024, 3072, 16, 8, 128, 151936, True),
-    "qwen3-1.7b": ("qwen3", 28, 2048, 6144, 16, 8, 128, 151936, True),
-    "qwen3-4b": ("qwen3", 36, 2560, 9728, 32, 8, 128, 151936, True),
-    "qwen3-8b": ("qwen3", 36, 4096, 12288, 32, 8, 128, 151936, False),
-    "tiny": ("qwen2", 2, 64, 128, 4, 2, None, 512, True),
-}
+# Student shapes for the bench: the planner's embedded configs (real config.json numbers), plus a toy.
+BENCH_SHAPES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b",
+                "qwen3-8b", "tiny")
+ARCHS = BENCH_SHAPES  # names `--student` accepts
 OBJECTIVES = ("oprd", "opd_sampled", "opd_topk", "opd_full")
 
 
 def build_config(arch: str) -> Any:
+    """A transformers config at the real shape of `arch` (random weights are built from it)."""
     from transformers import Qwen2Config, Qwen3Config
 
-    family, L, d, mlp, heads, kv, head_dim, vocab, tied = ARCHS[arch]
-    kw = dict(vocab_size=vocab, hidden_size=d, intermediate_size=mlp, num_hidden_layers=L, num_attention_heads=heads,
-              num_key_value_heads=kv, tie_word_embeddings=tied, max_position_embeddings=32768)
-    return Qwen3Config(head_dim=head_dim, **kw) if family == "qwen3" else Qwen2Config(**kw)
+    from minioprd.plan import EMBEDDED
+
+    if arch == "tiny":
+        return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    s = EMBEDDED[arch]
+    kw = dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+              num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied,
+              max_position_embeddings=32768)
+    return Qwen3Config(head_dim=s.head_dim, **kw) if s.qk_norm else Qwen2Config(**kw)
 
 
 def _rss_kb(field: str) -> int:
