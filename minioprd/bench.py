@@ -1,4 +1,6 @@
-"""`minioprd bench update`: the cost of one update step per objective, side by side (paper Table 3).
+"""`minioprd bench update|rollout|step`: costs measured side by side in one run (paper Table 3 and more).
+
+`update`: the cost of one update step per objective.
 
 For each objective, on identical fixed rollouts and precomputed teacher targets at the real shapes of a
 chosen student (random weights, LoRA on all linear layers): time and peak-memory increase of the student's
@@ -57,8 +59,12 @@ def _reset_peak() -> bool:
 
 def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response_len: int, steps: int,
                 device: str, seed: int = 0, topk: int = 16, chunk: int = 512, lora_r: int = 16,
-                threads: int = 0) -> dict[str, Any]:
-    """One objective, in this process: returns seconds per update and peak-memory increase in MB."""
+                threads: int = 0, gradient_checkpointing: bool = True) -> dict[str, Any]:
+    """One objective, in this process: returns seconds per update and peak-memory increase in MB.
+
+    With `gradient_checkpointing` (as in every GPU recipe) only block inputs are kept for backward, so the
+    backbone's activations stop dominating and what each objective adds on top becomes visible.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -73,6 +79,8 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
     cfg = build_config(arch)
     with torch.device(dev):
         base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if gradient_checkpointing:  # the same call models.load_student makes for lora.gradient_checkpointing
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules="all-linear"))
     student.train()
     L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
@@ -126,12 +134,13 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
         peaks.append(peak / 2**20)
     return {"objective": objective, "arch": arch, "device": device, "batch": batch, "prompt_len": prompt_len,
             "response_len": response_len, "seconds": sum(times[1:]) / steps, "peak_increase_mb": max(peaks[1:]),
-            "steps": steps, "topk": topk, "chunk": chunk}
+            "steps": steps, "topk": topk, "chunk": chunk, "gradient_checkpointing": gradient_checkpointing}
 
 
 def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = OBJECTIVES, batch: int = 4,
                      prompt_len: int = 64, response_len: int = 512, steps: int = 1, device: str = "cpu",
-                     topk: int = 16, chunk: int = 512, threads: int = 0, log: Any = print) -> dict[str, Any]:
+                     topk: int = 16, chunk: int = 512, threads: int = 0, gradient_checkpointing: bool = True,
+                     log: Any = print) -> dict[str, Any]:
     """Each objective in a fresh subprocess (so CPU peak RSS is its own); ratios against oprd."""
     from minioprd.errors import MinioprdError
 
@@ -143,7 +152,8 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
     rows = []
     for obj in objectives:
         args = dict(arch=arch, objective=obj, batch=batch, prompt_len=prompt_len, response_len=response_len,
-                    steps=steps, device=device, topk=topk, chunk=chunk, threads=threads)
+                    steps=steps, device=device, topk=topk, chunk=chunk, threads=threads,
+                    gradient_checkpointing=gradient_checkpointing)
         code = ("import json,sys; from minioprd.bench import measure_one; "
                 "print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
         # Large allocations via mmap, so freed tensors leave RSS at once and the peak tracks live memory
@@ -163,6 +173,7 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
             r["time_vs_oprd"] = r["seconds"] / ref["seconds"]
             r["memory_vs_oprd"] = r["peak_increase_mb"] / max(ref["peak_increase_mb"], 1e-9)
     return {"bench": "update", "arch": arch, "device": device, "threads": threads or os.cpu_count(),
+            "gradient_checkpointing": gradient_checkpointing,
             "machine": _machine(device), "rows": rows}
 
 
@@ -223,6 +234,84 @@ def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: in
     return {"bench": "rollout", "arch": arch, "device": device, "machine": _machine(device), "tokens_per_s": res,
             "overhead_vs_bare": res["bare_generate"] / res["minioprd_rollout"] - 1,
             "merged_speedup": res["rollout_lora_merged"] / res["minioprd_rollout"]}
+
+
+def _random_model_dir(arch: str, out: Path, tok: Any, seed: int) -> Path:
+    """A model directory with random weights at the real shape of `arch` and the given tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config(arch)
+    cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    return out
+
+
+def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tuple[str, ...] = ("oprd",),
+                   batch: int = 4, prompt_len: int = 64, response_len: int = 128, steps: int = 2,
+                   device: str = "cpu", teacher_quant: str = "none", gradient_checkpointing: bool = True,
+                   threads: int = 0, log: Any = print) -> dict[str, Any]:
+    """Whole distillation steps through `distill()` itself, on random models at real shapes: seconds and share of
+    rollout / teacher forward / student update per step (the first step is a warm-up and not counted).
+
+    Random weights never choose the end token on purpose, so every response is `response_len` long and the
+    work per step is fixed. The teacher defaults to the student's shape (the paper's same-architecture case).
+    """
+    import tempfile
+
+    from minioprd.config import load_config
+    from minioprd.distill import distill
+    from minioprd.errors import MinioprdError
+    from minioprd.tiny import build_tokenizer
+
+    teacher = teacher or arch
+    for name, shape in (("--student", arch), ("--teacher", teacher)):
+        if shape not in ARCHS:
+            raise MinioprdError(f"unknown {name} shape {shape!r}: known are {', '.join(ARCHS)}")
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        raise MinioprdError(f"unknown objective(s) {bad}: choose from {', '.join(OBJECTIVES)}")
+    if steps < 2:
+        raise MinioprdError(f"--steps {steps}: the step bench needs at least 2 (the first is a warm-up)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minioprd-bench-") as tmp:
+        root = Path(tmp)
+        tok = build_tokenizer()
+        s_dir = _random_model_dir(arch, root / "student", tok, seed=0)
+        t_dir = s_dir if teacher == arch else _random_model_dir(teacher, root / "teacher", tok, seed=1)
+        words = "the a of to and is in that it for on with as was at by be this are or from".split()
+        rng = __import__("random").Random(0)
+        data = root / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(prompt_len))}) + "\n"
+                                for _ in range(batch * steps)))
+        for obj in objectives:
+            over = {"model.teacher": str(t_dir), "model.student": str(s_dir), "model.teacher_quant": teacher_quant,
+                    "model.device": device, "data.dataset": str(data), "data.chat_template": "false",
+                    "data.max_prompt_tokens": prompt_len, "data.long_prompts": "truncate",
+                    "rollout.prompts_per_step": batch, "rollout.n": 1, "rollout.max_new_tokens": response_len,
+                    "loss.objective": obj, "lora.gradient_checkpointing": gradient_checkpointing,
+                    "train.steps": steps, "train.threads": threads, "train.output_dir": str(root / f"run-{obj}"),
+                    "train.collapse_threshold": 0.0, "train.collapse_repetition": 1.0}
+            distill(load_config(None, over), console=None)
+            lines = [json.loads(l) for l in (root / f"run-{obj}" / "metrics.jsonl").read_text().splitlines()][1:]
+            row = {"objective": obj, "steps_measured": len(lines)}
+            for key in ("rollout_s", "teacher_s", "update_s", "step_s"):
+                row[key] = sum(l[key] for l in lines) / len(lines)
+            row["tokens_per_s"] = sum(l["tokens_per_s"] for l in lines) / len(lines)
+            row["response_len"] = sum(l["response_len"] for l in lines) / len(lines)
+            for key in ("rollout", "teacher", "update"):
+                row[f"{key}_share"] = row[f"{key}_s"] / row["step_s"]
+            rows.append(row)
+            log(f"{obj}: {row['step_s']:.2f} s/step = rollout {row['rollout_s']:.2f} + teacher {row['teacher_s']:.2f}"
+                f" + update {row['update_s']:.2f}")
+    return {"bench": "step", "arch": arch, "teacher": teacher, "device": device, "batch": batch,
+            "prompt_len": prompt_len, "response_len": response_len, "teacher_quant": teacher_quant,
+            "gradient_checkpointing": gradient_checkpointing, "threads": threads or os.cpu_count(),
+            "machine": _machine(device), "rows": rows}
 
 
 def _machine(device: str) -> str:

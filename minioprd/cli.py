@@ -270,20 +270,30 @@ def eval_(
 
 @app.command("bench")
 def bench(
-    what: Annotated[str, typer.Argument(help="update (per-objective update cost, paper Table 3) or rollout "
-                                             "(tokens/s vs bare generate, with and without merged LoRA).")],
+    what: Annotated[str, typer.Argument(help="update (per-objective update cost, paper Table 3), rollout "
+                                             "(tokens/s vs bare generate, with and without merged LoRA) or step "
+                                             "(whole distill steps: rollout / teacher / update shares).")],
     student: Annotated[str, typer.Option(help="Student shape (random weights at the real config): qwen2.5-0.5b, "
                                               "-1.5b, -3b, -7b, qwen3-0.6b, -1.7b, -4b, -8b, tiny.")]
     = "qwen2.5-0.5b",
-    objectives: Annotated[str, typer.Option(help="Comma-separated objectives for `update`.")]
+    teacher: Annotated[str, typer.Option(help="Teacher shape for `step` (default: the student's).")] = "",
+    objectives: Annotated[str, typer.Option(help="Comma-separated objectives for `update` and `step` (default for "
+                                                 "step: oprd,opd_topk).")]
     = "oprd,opd_sampled,opd_topk,opd_full",
     batch: Annotated[int, typer.Option(help="Sequences per update / prompts per rollout.")] = 4,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
-    response_len: Annotated[int, typer.Option(help="Response tokens (update) / new tokens (rollout).")] = 512,
-    steps: Annotated[int, typer.Option(help="Measured updates per objective (after one warm-up).")] = 1,
+    response_len: Annotated[Optional[int], typer.Option(help="Response tokens (update; default 512) / new tokens "
+                                                             "(rollout, step; default 128).", show_default=False)]
+    = None,
+    steps: Annotated[int, typer.Option(help="Measured updates (steps for `step`) per objective, after one "
+                                            "warm-up.")] = 1,
     topk: Annotated[int, typer.Option(help="k of opd_topk.")] = 16,
     chunk: Annotated[int, typer.Option(help="Rows per OPD logits chunk.")] = 512,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    teacher_quant: Annotated[str, typer.Option(help="Teacher weights for `step`: none, 4bit or 8bit.")] = "none",
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Student recomputes activations in backward (on in every GPU recipe).")] = True,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")]
     = None,
@@ -294,15 +304,18 @@ def bench(
         _quiet_libraries()
         from rich.table import Table
 
-        from minioprd.bench import run_rollout_bench, run_update_bench
+        from minioprd.bench import run_rollout_bench, run_step_bench, run_update_bench
         from minioprd.errors import MinioprdError
         from minioprd.files import atomic_write_json
 
         say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+        objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
         if what == "update":
-            res = run_update_bench(student, tuple(o.strip() for o in objectives.split(",") if o.strip()), batch,
-                                   prompt_len, response_len, steps, device, topk, chunk, threads, log=say)
-            table = Table(title=f"update step, {student} shape, {batch} x {response_len} tokens, {res['machine']}")
+            R = response_len or 512
+            res = run_update_bench(student, objs, batch, prompt_len, R, steps, device, topk, chunk, threads,
+                                   gradient_checkpointing, log=say)
+            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, "
+                                f"{'with' if gradient_checkpointing else 'no'} gradient checkpointing, {res['machine']}")
             for col in ("objective", "s/update", "peak +MB", "time vs oprd", "memory vs oprd"):
                 table.add_column(col, justify="right")
             for r in res["rows"]:
@@ -310,12 +323,28 @@ def bench(
                               f"{r.get('time_vs_oprd', float('nan')):.2f}x",
                               f"{r.get('memory_vs_oprd', float('nan')):.2f}x")
             console.print(table)
+        elif what == "step":
+            R = response_len or 128
+            if objectives == "oprd,opd_sampled,opd_topk,opd_full":  # the `update` default: too long for whole steps
+                objs = ("oprd", "opd_topk")
+            res = run_step_bench(student, teacher, objs, batch, prompt_len, R, max(steps, 2), device, teacher_quant,
+                                 gradient_checkpointing, threads, log=say)
+            table = Table(title=f"whole step, teacher {res['teacher']} -> student {student} shape, {batch} x {R} "
+                                f"tokens, {res['machine']}")
+            for col in ("objective", "s/step", "rollout", "teacher", "update", "gen tokens/s"):
+                table.add_column(col, justify="right")
+            for r in res["rows"]:
+                table.add_row(r["objective"], f"{r['step_s']:.2f}",
+                              *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)"
+                                for k in ("rollout", "teacher", "update")), f"{r['tokens_per_s']:.1f}")
+            console.print(table)
         elif what == "rollout":
-            res = run_rollout_bench(student, batch, prompt_len, response_len, device, threads=threads, log=say)
+            res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, threads=threads,
+                                    log=say)
             say(f"rollout overhead vs bare generate: {100 * res['overhead_vs_bare']:+.1f}%; merged LoRA: "
                 f"{res['merged_speedup']:.2f}x tokens/s")
         else:
-            raise MinioprdError(f"unknown bench {what!r}: choose update or rollout")
+            raise MinioprdError(f"unknown bench {what!r}: choose update, rollout or step")
         if output is not None:
             atomic_write_json(output, res)
             say(f"wrote {output}")

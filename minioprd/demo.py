@@ -98,7 +98,7 @@ def demo_lr(pairing: str, method: str, lora_r: int) -> float:
     return DEMO_LRS.get((pairing, method, "lora" if lora_r else "full"), DEMO_LR if lora_r else DEMO_LR / 3)
 
 
-LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # half-decade steps; the same grid for every method
+LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # half-decade steps; the same grid for every method
 FULL_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 

@@ -292,6 +292,7 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
     n = len(s.pairs)
     sums = {"loss": 0.0, "loss_rep": 0.0, "loss_opd": 0.0}
     per_layer, cos = torch.zeros(n), torch.zeros(n)
+    teacher_s = 0.0
     for i in range(0, B, mb):
         part = ro.select(slice(i, i + mb))
         sel, valid = selected[i:i + mb], part.response_mask
@@ -303,6 +304,7 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         start, stop = min(w.start for w in windows), max(w.stop for w in windows)
         pos = part.position_ids()
         rep_mask = rep_win.mask if need_rep else None
+        t_start = _clock(s.teacher_device)
         with torch.no_grad():
             if s.cross is None:
                 got = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device), part.attention_mask.to(
@@ -311,6 +313,7 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
                 got, rep_mask = s.cross.teacher_states(s.teacher, part, t_layers, rep_win, lc.convention,
                                                        device=s.teacher_device)
             teacher = {l: h.to(s.device, s.dtype) for l, h in zip(t_layers, got)}  # (b, W, D_T) each
+        teacher_s += _clock(s.teacher_device) - t_start
         got = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, start, stop)
         student = {l: h.float() for l, h in zip(s_layers, got)}  # (b, W, D_S); fp32 into projections and loss
 
@@ -346,7 +349,14 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         if need_opd:
             sums["loss_opd"] += float(opd.detach()) * share
     return {**sums, "layer_loss": per_layer.tolist() if need_rep else [],
-            "layer_cos": cos.tolist() if need_rep else []}
+            "layer_cos": cos.tolist() if need_rep else [], "teacher_s": teacher_s}
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def final_dir(s: Setup) -> Path:
@@ -622,7 +632,7 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
     finally:
         if merge:
             s.student.unmerge_adapter()
-    t1 = time.time()
+    t1 = _clock(s.device)
     figures = update_step(s, ro)
     grad_norm = torch.nn.utils.clip_grad_norm_(params + list(s.projections.parameters()),
                                                cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
@@ -635,7 +645,7 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
     optimizer.zero_grad(set_to_none=True)
     lr_now = scheduler.get_last_lr()[0]
     scheduler.step()
-    t2 = time.time()
+    t2 = _clock(s.device)
     gen_tokens = int(ro.response_mask.sum())
     distinct = distinct_ratio(ro)
     from minioprd.alignment import repetition_rate
@@ -651,7 +661,8 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         "distinct": distinct, "repetition": looping,
         "collapse_warning": distinct < cfg.train.collapse_threshold or looping > cfg.train.collapse_repetition,
         "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": counters["nonfinite_total"],
-        "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1, "step_s": t2 - t0,
+        "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0,
+        "teacher_s": figures["teacher_s"], "update_s": t2 - t1 - figures["teacher_s"], "step_s": t2 - t0,
     }
 
 

@@ -209,7 +209,8 @@ def plot_run(run: dict[str, Any], out_dir: Path) -> list[Path]:
         ax1.plot(steps, series("tokens_per_s"), lw=1.5)
         ax1.set(title="rollout throughput", xlabel="step", ylabel="generated tokens / s")
         ax1.grid(alpha=0.3)
-        for key, label in (("rollout_s", "rollout"), ("update_s", "update"), ("step_s", "whole step")):
+        for key, label in (("rollout_s", "rollout"), ("teacher_s", "teacher"), ("update_s", "student update"),
+                           ("step_s", "whole step")):
             if has(key):
                 ax2.plot(steps, series(key), lw=1.5, label=label)
         ax2.set(title="time per step", xlabel="step", ylabel="seconds")

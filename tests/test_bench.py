@@ -32,3 +32,22 @@ def test_bench_rollout_and_bad_input(tmp_path):
     assert set(res["tokens_per_s"]) == {"bare_generate", "minioprd_rollout", "rollout_lora_merged"}
     r = CliRunner().invoke(app, ["bench", "update", "--student", "gpt-9"])
     assert r.exit_code == 2 and "unknown --student shape" in r.stderr
+
+
+def test_bench_step_breaks_whole_steps_down(tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(app, ["bench", "step", "--student", "tiny", "--batch", "2", "--prompt-len", "6",
+                                 "--response-len", "8", "--steps", "2", "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["bench"] == "step" and res["teacher"] == "tiny" and res["gradient_checkpointing"] is True
+    assert [row["objective"] for row in res["rows"]] == ["oprd", "opd_topk"]
+    for row in res["rows"]:
+        assert row["steps_measured"] == 1  # the warm-up step is not counted
+        assert min(row["rollout_s"], row["teacher_s"], row["update_s"]) > 0
+        parts = row["rollout_s"] + row["teacher_s"] + row["update_s"]
+        assert abs(parts - row["step_s"]) < 1e-6 * max(1.0, row["step_s"])
+        assert 0 < row["response_len"] <= 8
+    assert "teacher" in r.stdout and "%" in r.stdout
+    r = CliRunner().invoke(app, ["bench", "step", "--student", "tiny", "--teacher", "gpt-9"])
+    assert r.exit_code == 2 and "unknown --teacher shape" in r.stderr

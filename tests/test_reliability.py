@@ -20,7 +20,7 @@ from minioprd.cli import app
 ROOT = Path(__file__).parents[1]
 RECIPE = str(ROOT / "recipes" / "tiny-cpu.yaml")
 ARGS = ["--steps", "8", "train.save_every=2", "train.keep_checkpoints=0", "train.lr=3e-3"]
-TIMING = {"rollout_s", "update_s", "step_s", "elapsed_s", "tokens_per_s"}
+TIMING = {"rollout_s", "teacher_s", "update_s", "step_s", "elapsed_s", "tokens_per_s"}
 runner = CliRunner()
 
 # Runs distill in a child that SIGKILLs itself at a chosen point: after writing metrics line N, or while
