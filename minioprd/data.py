@@ -14,6 +14,7 @@ Distillation needs only prompts; answers (`Example.answer`) are read when the da
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import random
@@ -321,10 +322,22 @@ def last_boxed(text: str) -> str | None:
 # --------------------------------------------------------------------------------------------- builtin task
 
 
+CHAT_TRAIN_ROWS = 48  # builtin:chat: the first 48 of the shipped prompts train, the other 12 are held out
+
+
 def _load_builtin(source: str, split: str) -> list[Example]:
     name = source[len(BUILTIN_PREFIX):]
+    if name == "chat":  # 60 short general chat prompts (no answers), for real-weights runs such as `demo --real`
+        if split not in ("train", "test"):
+            raise MinioprdError(f"data set '{source}' has no split '{split}': available splits [train, test]; "
+                                "pass --split NAME (data.split=NAME)")
+        path = Path(__file__).with_name("chat_prompts.jsonl")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = rows[:CHAT_TRAIN_ROWS] if split == "train" else rows[CHAT_TRAIN_ROWS:]
+        return [Example(prompt=r["prompt"], meta={"row": i}) for i, r in enumerate(rows)]
     if name != "arithmetic":
-        raise MinioprdError(f"unknown built-in data set '{source}'; the built-in one is builtin:arithmetic")
+        raise MinioprdError(f"unknown built-in data set '{source}'; the built-in ones are builtin:arithmetic and "
+                            "builtin:chat")
     if split not in BUILTIN_SPLITS:
         raise MinioprdError(f"data set '{source}' has no split '{split}': available splits "
                             f"[{', '.join(BUILTIN_SPLITS)}]; pass --split NAME (data.split=NAME)")
