@@ -641,7 +641,7 @@ def demo(
             chosen_methods = tuple(m.strip() for m in methods.split(",")) if methods else tuple(dr.REAL_METHODS)
             res = dr.run_real(output_dir or "runs/demo-real", methods=chosen_methods, lrs=grid, seeds=seeds or 1,
                               steps=steps or 30, threads=threads, console=console)
-            console.print(dr.real_markdown(res), markup=False, highlight=False)
+            console.print(dr.real_markdown(res), markup=False, highlight=False, soft_wrap=True)
             console.print(f"wrote {Path(output_dir or 'runs/demo-real') / 'real.md'} and real.json "
                           f"({res['seconds'] / 60:.1f} min)", markup=False, highlight=False)
         elif compare:

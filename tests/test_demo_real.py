@@ -14,6 +14,7 @@ from minioprd.cli import app
 from minioprd.data import load_examples
 from minioprd.errors import MinioprdError
 
+OPRD, FULL = (f"{dr.REAL_METHODS[m][1]:g}" for m in ("oprd", "opd_full"))
 TINY = dict(teacher="builtin:tiny-teacher", student="builtin:tiny-student", steps=2, threads=1)
 
 
@@ -28,18 +29,19 @@ def test_builtin_chat_splits_are_disjoint():
 def test_real_rows_train_score_and_resume(tmp_path, monkeypatch):
     res = dr.run_real(tmp_path / "r", methods=("oprd", "opd_full"), **TINY)
     rows = {r["row"]: r for r in res["rows"]}
-    assert list(rows) == ["before", "oprd-lr0.001-seed0-steps2", "opd_full-lr0.001-seed0-steps2", "teacher"]
+    assert list(rows) == ["before", f"oprd-lr{OPRD}-seed0-steps2", f"opd_full-lr{FULL}-seed0-steps2", "teacher"]
     assert res["held_out_prompts"] == 12
-    for name in ("before", "oprd-lr0.001-seed0-steps2", "opd_full-lr0.001-seed0-steps2"):
+    for name in ("before", f"oprd-lr{OPRD}-seed0-steps2", f"opd_full-lr{FULL}-seed0-steps2"):
         r = rows[name]
         assert r["ref_kl"] > 0 and r["kl"] >= 0 and 0 <= r["repetition"] <= 1 and len(r["samples"]) == 12
         assert r["tokens"] > 0
     # the teacher's text is the same for every row, so its KL to itself is 0 and trained rows moved it
     assert rows["teacher"]["ref_kl"] == 0.0
-    assert rows["oprd-lr0.001-seed0-steps2"]["ref_kl"] != rows["before"]["ref_kl"]
-    assert (tmp_path / "r" / "runs" / "oprd-lr0.001-seed0-steps2" / "run" / "adapter" / "adapter_config.json").is_file()
+    assert rows[f"oprd-lr{OPRD}-seed0-steps2"]["ref_kl"] != rows["before"]["ref_kl"]
+    run_dir = tmp_path / "r" / "runs" / f"oprd-lr{OPRD}-seed0-steps2" / "run"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
     md = (tmp_path / "r" / "real.md").read_text()
-    assert "| oprd | 0.001 |" in md and "| opd_full | 0.001 |" in md and "KL on teacher's text" in md
+    assert f"| oprd | {OPRD} |" in md and f"| opd_full | {FULL} |" in md and "KL on teacher's text" in md
     assert json.loads((tmp_path / "r" / "real.json").read_text())["rows"][1]["method"] == "oprd"
 
     # a rerun reuses every finished row: nothing trains again
@@ -48,7 +50,7 @@ def test_real_rows_train_score_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(distill_mod, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = dr.run_real(tmp_path / "r", methods=("oprd", "opd_full"), **TINY)
     assert [r["row"] for r in again["rows"]] == list(rows)
-    assert again["rows"][1]["ref_kl"] == rows["oprd-lr0.001-seed0-steps2"]["ref_kl"]
+    assert again["rows"][1]["ref_kl"] == rows[f"oprd-lr{OPRD}-seed0-steps2"]["ref_kl"]
 
 
 def test_real_bad_input():
