@@ -32,7 +32,7 @@ REAL_DATA = "builtin:chat"
 REAL_METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "oprd": ({"loss.objective": "oprd"}, 2e-3),
     "opd_sampled": ({"loss.objective": "opd_sampled"}, 2e-3),
-    "opd_topk": ({"loss.objective": "opd_topk", "loss.topk": 16}, 1e-3),
+    "opd_topk": ({"loss.objective": "opd_topk", "loss.topk": 16}, 2e-3),
     "opd_full": ({"loss.objective": "opd_full"}, 5e-3),
     "opd_full+oprd": ({"loss.objective": "opd_full", "loss.mu": 1.0}, 5e-3),  # L_OPD + mu * L_OPRD (Eq. 7)
 }
