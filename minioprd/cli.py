@@ -573,7 +573,7 @@ def demo(
     compare: Annotated[bool, typer.Option("--compare", help="The reproduction: every objective (OPRD, OPD sampled/"
                                           "top-k/full, OPD + mu*OPRD, SFT on teacher samples) x seeds x both "
                                           "pairings, learning rates picked on a validation split, plus the OPRD "
-                                          "knob rows. ~80 min on 2 cores.")] = False,
+                                          "knob rows. ~85 min on 2 cores.")] = False,
     real: Annotated[bool, typer.Option("--real", help="Real weights: SmolLM2-135M-Instruct teacher, its copy "
                                        "without blocks 10-13 as LoRA student, chat prompts; OPRD, OPD and OPD + "
                                        "mu*OPRD, measured by KL to the teacher and the student's writing on "
@@ -596,8 +596,8 @@ def demo(
                                                  show_default=False)] = None,
     methods: Annotated[Optional[str], typer.Option(help="--compare: comma-separated methods (default all: oprd, "
                                                    "opd_sampled, opd_topk, opd_full, opd_topk+oprd, opd_full+oprd, "
-                                                   "sft_teacher). --real: oprd, opd_sampled, opd_topk, opd_full, "
-                                                   "opd_full+oprd. Demo: one method for every pairing (default oprd "
+                                                   "sft_teacher, oprd_lstsq). --real: oprd, opd_sampled, opd_topk, "
+                                                   "opd_full, opd_full+oprd. Demo: one method for every pairing (default oprd "
                                                    "on the shared-origin pair, opd_full+oprd on the wide one).",
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
@@ -617,7 +617,7 @@ def demo(
     OPRD closing the gap; --compare reproduces the paper's OPRD-vs-OPD comparison in miniature.
 
     [bold]minioprd demo[/bold]            (~2-5 min on 2 cores: report.json + demo.png in runs/demo)
-    [bold]minioprd demo --compare[/bold]  (~80 min: compare.json + compare.md + compare.png in runs/demo-compare)
+    [bold]minioprd demo --compare[/bold]  (~85 min: compare.json + compare.md + compare.png in runs/demo-compare)
     [bold]minioprd demo --real[/bold]     (~15 min: real.json + real.md in runs/demo-real; SmolLM2-135M weights)
     """
 

@@ -132,6 +132,9 @@ class LossConfig:
                          choices=("predict", "token"))
     bridge: str = _f("", "OPRD-Bridge directory from `minioprd bridge`: compare student and teacher in its frozen "
                      "r-dim subspace (paper Eqs. 14-15; use kind=normalized_mse, coef ~10).")
+    projection_init: str = _f("random", "Width projections (student and teacher widths differ) start random, or "
+                              "lstsq: the least-squares map from the student's to the teacher's states on one "
+                              "rollout batch before the first step.", choices=("random", "lstsq"))
     bridge_trainable: bool = _f(False, "Train the bridge's student projection jointly (the paper reports it "
                                 "worse; off).")
     align: str = _f("cover", "Different tokenizers: cover (each student token's state is the teacher token "

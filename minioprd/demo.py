@@ -74,7 +74,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "opd_topk+oprd": {"loss.objective": "opd_topk", "loss.topk": 16, "loss.mu": 1.0},  # L_OPD + mu * L_OPRD
     "opd_full+oprd": {"loss.objective": "opd_full", "loss.mu": 1.0},
     "sft_teacher": {},
+    # width projections fitted by least squares before the first step (loss.projection_init=lstsq) instead of
+    # random: only differs where widths differ, so it runs on the wide pairing only
+    "oprd_lstsq": {"loss.objective": "oprd", "loss.projection_init": "lstsq"},
 }
+WIDE_ONLY = ("oprd_lstsq",)
 # OPRD knobs, each its own row on the shared-origin pairing (at OPRD's learning rate unless it has a grid).
 KNOBS: dict[str, dict[str, Any]] = {
     "oprd/token": {"loss.objective": "oprd", "loss.convention": "token"},  # the authors' position convention
@@ -734,7 +738,7 @@ def _run_summary(spec: RunSpec, res: dict[str, Any]) -> dict[str, Any]:
 def _plan(methods: tuple[str, ...], pairings: tuple[str, ...], knobs: tuple[str, ...]) -> list[tuple[str, str, dict]]:
     rows = []
     for p in pairings:  # the knob rows right after the shared-origin methods whose rates they use
-        rows += [(p, m, METHODS[m]) for m in methods]
+        rows += [(p, m, METHODS[m]) for m in methods if p != "shared" or m not in WIDE_ONLY]
         if p == "shared":
             rows += [("shared", k, KNOBS[k]) for k in knobs]
     return rows

@@ -195,7 +195,8 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             "OPRD needs representations of a shared origin (the paper's same-architecture setting); with a teacher "
             "trained apart it failed in `minioprd demo --compare` (wide pairing), and on a layer-dropped SmolLM2 "
             "student loss.objective=opd_full (optionally loss.mu=1) cut the KL to the teacher more (README, "
-            "`minioprd demo --real`). For other architectures the paper uses a bridge (`minioprd bridge`).")
+            "`minioprd demo --real`). For other architectures the paper uses a bridge (`minioprd bridge`); "
+            "loss.projection_init=lstsq at least kept plain OPRD from collapsing on the demo's wide pairing.")
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
 
@@ -366,6 +367,55 @@ def _clock(device: torch.device) -> float:
     return time.time()
 
 
+@torch.no_grad()
+def fit_projections(s: Setup, log: Any = print, ro: Rollout | None = None) -> list[float]:
+    """loss.projection_init=lstsq: set each width projection to the least-squares map P = argmin mean
+    ||P h_S - h_T||^2 (tiny ridge) on one rollout batch of the first prompts (or `ro`), before any update.
+
+    A random P makes the first steps chase an arbitrary image of the teacher's space; the fitted one starts
+    the loss at what a linear map cannot explain. Returns the fitted maps' R^2 per layer (logged).
+    """
+    from minioprd.bridge import least_squares
+
+    cfg, lc = s.cfg, s.cfg.loss
+    if ro is None:
+        g = torch.random.get_rng_state()  # the fit must not shift the run's own sampling
+        torch.manual_seed(cfg.train.seed * 1_000_003 - 1)
+        try:
+            ro = rollout(s.student, s.tokenizer, s.prompts[:cfg.rollout.prompts_per_step], n=cfg.rollout.n,
+                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                         max_new_tokens=cfg.rollout.max_new_tokens)
+        finally:
+            torch.random.set_rng_state(g)
+    sel = position_mask(ro.response_mask, lc.positions, lc.k)  # (B, R)
+    win = state_window(ro.prompt_len, sel, lc.convention)
+    pos = ro.position_ids()
+    s_layers, t_layers = [a for a, _ in s.pairs], [b for _, b in s.pairs]
+    got_t = capture_hidden(s.teacher, ro.input_ids.to(s.teacher_device), ro.attention_mask.to(s.teacher_device),
+                           pos.to(s.teacher_device), sorted(set(t_layers)), win.start, win.stop)
+    teacher = dict(zip(sorted(set(t_layers)), got_t))
+    was = s.student.training
+    s.student.eval()
+    try:
+        got_s = capture_hidden(s.student, ro.input_ids, ro.attention_mask, pos, sorted(set(s_layers)), win.start,
+                               win.stop)
+    finally:
+        s.student.train(was)
+    student = dict(zip(sorted(set(s_layers)), got_s))
+    mask = win.mask.to(s.device)
+    r2 = []
+    for (a, b), proj in zip(s.pairs, s.projections):
+        x = student[a][mask].float()  # (N, d_S)
+        y = teacher[b].to(s.device)[mask].float()  # (N, d_T)
+        w = least_squares(x, y)  # (d_T, d_S)
+        proj.weight.copy_(w.to(proj.weight.dtype))
+        resid = ((x @ w.T - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp(min=1e-30)
+        r2.append(float(1 - resid))
+    log(f"projections: least-squares start on {int(mask.sum())} response tokens, R^2 per layer "
+        + ", ".join(f"{v:.2f}" for v in r2))
+    return r2
+
+
 def final_dir(s: Setup) -> Path:
     """`adapter/` for a LoRA student, `model/` for a fully fine-tuned one."""
     return Path(s.cfg.train.output_dir) / ("adapter" if s.cfg.lora.r else "model")
@@ -508,6 +558,8 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         log(f"resuming from {ckpt} (step {state['step']} of {cfg.train.steps})")
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
+    if ckpt is None and len(s.projections) and s.bridge is None and cfg.loss.projection_init == "lstsq":
+        fit_projections(s, log)
     s.student.train()
 
     def checkpoint(step: int) -> Path:
