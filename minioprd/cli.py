@@ -597,8 +597,9 @@ def demo(
     methods: Annotated[Optional[str], typer.Option(help="--compare: comma-separated methods (default all: oprd, "
                                                    "opd_sampled, opd_topk, opd_full, opd_topk+oprd, opd_full+oprd, "
                                                    "sft_teacher, oprd_lstsq). --real: oprd, opd_sampled, opd_topk, "
-                                                   "opd_full, opd_full+oprd. Demo: one method for every pairing (default oprd "
-                                                   "on the shared-origin pair, opd_full+oprd on the wide one).",
+                                                   "opd_full, opd_full+oprd. Demo: one method for every pairing "
+                                                   "(default oprd on the shared-origin pair, opd_full+oprd on the "
+                                                   "wide one).",
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
                                                  "(default all: oprd/token, oprd/mse, oprd/normalized_mse, "
