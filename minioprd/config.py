@@ -132,9 +132,10 @@ class LossConfig:
                          choices=("predict", "token"))
     bridge: str = _f("", "OPRD-Bridge directory from `minioprd bridge`: compare student and teacher in its frozen "
                      "r-dim subspace (paper Eqs. 14-15; use kind=normalized_mse, coef ~10).")
-    projection_init: str = _f("random", "Width projections (student and teacher widths differ) start random, or "
-                              "lstsq: the least-squares map from the student's to the teacher's states on one "
-                              "rollout batch before the first step.", choices=("random", "lstsq"))
+    projection_init: str = _f("lstsq", "Width projections (student and teacher widths differ) start at the "
+                              "least-squares map from the student's to the teacher's states on one rollout batch "
+                              "before the first step (lstsq), or random (plain OPRD then collapsed on the demo's "
+                              "wide pairing).", choices=("lstsq", "random"))
     bridge_trainable: bool = _f(False, "Train the bridge's student projection jointly (the paper reports it "
                                 "worse; off).")
     align: str = _f("cover", "Different tokenizers: cover (each student token's state is the teacher token "

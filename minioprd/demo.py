@@ -62,6 +62,7 @@ BASE_SETTINGS: dict[str, Any] = {
     "rollout.max_new_tokens": MAX_NEW_TOKENS, "loss.objective": "oprd", "loss.kind": "scale_mse",
     "loss.layers": "all", "loss.positions": "all", "loss.convention": "predict", "train.steps": 100,
     "train.lr": 1e-2, "train.eval_every": 10, "train.threads": 1, "eval.keep_best": False,
+    "loss.projection_init": "random",  # what the recorded comparison ran with; the oprd_lstsq row overrides it
 }
 DEMO_LR = 1e-2  # OPRD, LoRA r=16 on the tiny student; picked on the validation split (see `--compare`)
 
@@ -397,7 +398,7 @@ class RunSpec:
         return f"{self.pairing}/{slug}/lr{self.lr:g}-seed{self.seed}-steps{self.steps}"
 
 
-OPTIONAL_KEYS = ("eval.keep_best",)  # newer settings: left out where this version of the package lacks them
+OPTIONAL_KEYS = ("eval.keep_best", "loss.projection_init")  # newer settings: left out where this version of the package lacks them
 
 
 def _known_key(key: str) -> bool:

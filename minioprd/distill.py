@@ -195,8 +195,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             "OPRD needs representations of a shared origin (the paper's same-architecture setting); with a teacher "
             "trained apart it failed in `minioprd demo --compare` (wide pairing), and on a layer-dropped SmolLM2 "
             "student loss.objective=opd_full (optionally loss.mu=1) cut the KL to the teacher more (README, "
-            "`minioprd demo --real`). For other architectures the paper uses a bridge (`minioprd bridge`); "
-            "loss.projection_init=lstsq at least kept plain OPRD from collapsing on the demo's wide pairing.")
+            "`minioprd demo --real`). For other architectures the paper uses a bridge (`minioprd bridge`).")
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
 
@@ -370,12 +369,15 @@ def _clock(device: torch.device) -> float:
 @torch.no_grad()
 def fit_projections(s: Setup, log: Any = print, ro: Rollout | None = None) -> list[float]:
     """loss.projection_init=lstsq: set each width projection to the least-squares map P = argmin mean
-    ||P h_S - h_T||^2 (tiny ridge) on one rollout batch of the first prompts (or `ro`), before any update.
+    ||P h_S - h_T||^2 + lambda ||P||^2 (tiny ridge, as `bridge.least_squares`) on one rollout batch of the first
+    prompts (or `ro`), before any update.
 
     A random P makes the first steps chase an arbitrary image of the teacher's space; the fitted one starts
-    the loss at what a linear map cannot explain. Returns the fitted maps' R^2 per layer (logged).
+    the loss at what a linear map cannot explain. The sums S^T S (d_S, d_S) and S^T Y (d_S, d_T) are gathered
+    micro-batch by micro-batch on the CPU in float64, so the fit never holds more states than an update step.
+    Returns the fitted maps' R^2 per layer (logged).
     """
-    from minioprd.bridge import least_squares
+    from minioprd.bridge import RIDGE
 
     cfg, lc = s.cfg, s.cfg.loss
     if ro is None:
@@ -387,31 +389,54 @@ def fit_projections(s: Setup, log: Any = print, ro: Rollout | None = None) -> li
                          max_new_tokens=cfg.rollout.max_new_tokens)
         finally:
             torch.random.set_rng_state(g)
-    sel = position_mask(ro.response_mask, lc.positions, lc.k)  # (B, R)
-    win = state_window(ro.prompt_len, sel, lc.convention)
-    pos = ro.position_ids()
-    s_layers, t_layers = [a for a, _ in s.pairs], [b for _, b in s.pairs]
-    got_t = capture_hidden(s.teacher, ro.input_ids.to(s.teacher_device), ro.attention_mask.to(s.teacher_device),
-                           pos.to(s.teacher_device), sorted(set(t_layers)), win.start, win.stop)
-    teacher = dict(zip(sorted(set(t_layers)), got_t))
+    selected = position_mask(ro.response_mask, lc.positions, lc.k)  # (B, R)
+    s_layers, t_layers = sorted({a for a, _ in s.pairs}), sorted({b for _, b in s.pairs})
+    n_pairs = len(s.pairs)
+    gram = [None] * n_pairs  # S^T S per pair, float64 on the CPU
+    cross = [None] * n_pairs  # S^T Y
+    y_sum, yy, rows = [0.0] * n_pairs, [0.0] * n_pairs, 0
     was = s.student.training
     s.student.eval()
     try:
-        got_s = capture_hidden(s.student, ro.input_ids, ro.attention_mask, pos, sorted(set(s_layers)), win.start,
-                               win.stop)
+        B = ro.input_ids.shape[0]
+        mb = cfg.rollout.micro_batch or B
+        for i in range(0, B, mb):
+            part, sel = ro.select(slice(i, i + mb)), selected[i:i + mb]
+            if not sel.any():
+                continue
+            win = state_window(part.prompt_len, sel, lc.convention)
+            pos = part.position_ids()
+            got_t = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device),
+                                   part.attention_mask.to(s.teacher_device), pos.to(s.teacher_device), t_layers,
+                                   win.start, win.stop)
+            got_s = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, win.start,
+                                   win.stop)
+            teacher, student = dict(zip(t_layers, got_t)), dict(zip(s_layers, got_s))
+            mask = win.mask.to(s.device)
+            rows += int(mask.sum())
+            for j, (a, b) in enumerate(s.pairs):
+                x = student[a][mask].float()  # (n, d_S)
+                y = teacher[b].to(s.device)[mask].float()  # (n, d_T)
+                gx, cx = (x.T @ x).double().cpu(), (x.T @ y).double().cpu()
+                gram[j] = gx if gram[j] is None else gram[j] + gx
+                cross[j] = cx if cross[j] is None else cross[j] + cx
+                y_sum[j] = y.double().sum(0).cpu() + y_sum[j]
+                yy[j] += float((y.double() ** 2).sum())
     finally:
         s.student.train(was)
-    student = dict(zip(sorted(set(s_layers)), got_s))
-    mask = win.mask.to(s.device)
+    if not rows:
+        log("projections: no response tokens to fit on; they start random")
+        return []
     r2 = []
-    for (a, b), proj in zip(s.pairs, s.projections):
-        x = student[a][mask].float()  # (N, d_S)
-        y = teacher[b].to(s.device)[mask].float()  # (N, d_T)
-        w = least_squares(x, y)  # (d_T, d_S)
-        proj.weight.copy_(w.to(proj.weight.dtype))
-        resid = ((x @ w.T - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp(min=1e-30)
-        r2.append(float(1 - resid))
-    log(f"projections: least-squares start on {int(mask.sum())} response tokens, R^2 per layer "
+    for j, proj in enumerate(s.projections):
+        G, C = gram[j] / rows, cross[j] / rows
+        lam = RIDGE * float(G.diagonal().mean().clamp(min=1e-30))
+        w = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), C).T  # (d_T, d_S)
+        proj.weight.copy_(w.to(proj.weight.device, proj.weight.dtype))
+        resid = yy[j] / rows - 2 * float((w * C.T).sum()) + float(((w @ G) * w).sum())  # mean ||W x - y||^2
+        var = yy[j] / rows - float(((y_sum[j] / rows) ** 2).sum())
+        r2.append(1 - resid / max(var, 1e-30))
+    log(f"projections: least-squares start on {rows} response tokens, R^2 per layer "
         + ", ".join(f"{v:.2f}" for v in r2))
     return r2
 
@@ -559,7 +584,10 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     if ckpt is None and len(s.projections) and s.bridge is None and cfg.loss.projection_init == "lstsq":
-        fit_projections(s, log)
+        if s.cross is None:
+            fit_projections(s, log)
+        else:
+            log("note: loss.projection_init=lstsq needs a shared tokenizer; the projections start random")
     s.student.train()
 
     def checkpoint(step: int) -> Path:

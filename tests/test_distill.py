@@ -53,8 +53,10 @@ def test_cli_run_loss_falls_and_cosine_rises(cli_run):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
-    assert last < 0.8 * first, (first, last)
-    assert rows[-1]["cos"] > rows[0]["cos"] + 0.05
+    # the projections start at their least-squares fit (loss.projection_init=lstsq), so the loss starts at what
+    # a linear map cannot explain and training takes it down from there
+    assert last < 0.95 * first, (first, last)
+    assert rows[-1]["cos"] > rows[0]["cos"] + 0.02
 
 
 def test_training_moves_lora_and_projections_only_and_adapter_reloads(tmp_path):

@@ -46,6 +46,11 @@ def test_lstsq_start_fits_better_than_random_and_keeps_the_rng(tmp_path):
     assert all(0 < v <= 1 for v in r2)
     assert all(not torch.equal(a, p.weight) for a, p in zip(w0, s.projections))
     fit_projections(s, log=lambda m: None, ro=ro)  # on `ro`: no linear map does better there than the fit
+    whole = [p.weight.clone() for p in s.projections]
+    s.cfg.rollout.micro_batch = 1  # gathered sequence by sequence: the same sums, the same map
+    fit_projections(s, log=lambda m: None, ro=ro)
+    assert all(torch.allclose(w, p.weight, rtol=1e-4, atol=1e-5) for w, p in zip(whole, s.projections))
+    s.cfg.rollout.micro_batch = 0
     after = _mse_per_layer(s, ro)
     assert all(a < b for a, b in zip(after, before)), (before, after)
     with torch.no_grad():
