@@ -229,8 +229,9 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, teacher_vocab_rows: int
         if s != t:
             raise MinioprdError(
                 f"teacher and student tokenizers differ (text {text[:30]!r} -> {s[:6]}... vs {t[:6]}...): "
-                f"the teacher must read the student's tokens; pick a teacher of the student's family "
-                f"(cross-tokenizer distillation is not supported yet)")
+                f"this needs the teacher to read the student's tokens; pick a teacher of the student's family "
+                f"(`minioprd distill` and `minioprd bridge` handle different tokenizers; `minioprd eval --teacher` "
+                f"does not yet)")
     biggest = len(student_tok) - 1
     if biggest >= teacher_vocab_rows:
         raise MinioprdError(f"the student's tokenizer has ids up to {biggest} but the teacher's embedding has "

@@ -92,5 +92,6 @@ def test_tokenizer_mismatch_is_an_error(tiny_dirs):
                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     other = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>")
     s_tok = load_tokenizer(resolve_model(str(tiny_dirs["student"])))
-    with pytest.raises(MinioprdError, match="tokenizers differ"):
+    with pytest.raises(MinioprdError, match="tokenizers differ") as e:
         check_tokenizers(s_tok, other, 10_000)
+    assert "`minioprd eval --teacher` does not yet" in str(e.value)  # says where different tokenizers do work
