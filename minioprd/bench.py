@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -137,6 +138,19 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
             "steps": steps, "topk": topk, "chunk": chunk, "gradient_checkpointing": gradient_checkpointing}
 
 
+def _check(shapes: dict[str, str], objectives: tuple[str, ...]) -> None:
+    """Every problem with the named shapes (flag -> value) and objectives, as one MinioprdError."""
+    from minioprd.errors import MinioprdError
+
+    problems = [f"unknown {flag} shape {v!r}: known are {', '.join(ARCHS)}" for flag, v in shapes.items()
+                if v not in ARCHS]
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        problems.append(f"unknown objective(s) {bad}: choose from {', '.join(OBJECTIVES)}")
+    if problems:
+        raise MinioprdError("; ".join(problems))
+
+
 def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = OBJECTIVES, batch: int = 4,
                      prompt_len: int = 64, response_len: int = 512, steps: int = 1, device: str = "cpu",
                      topk: int = 16, chunk: int = 512, threads: int = 0, gradient_checkpointing: bool = True,
@@ -144,11 +158,7 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
     """Each objective in a fresh subprocess (so CPU peak RSS is its own); ratios against oprd."""
     from minioprd.errors import MinioprdError
 
-    if arch not in ARCHS:
-        raise MinioprdError(f"unknown --student shape {arch!r}: known are {', '.join(ARCHS)}")
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad:
-        raise MinioprdError(f"unknown objective(s) {bad}: choose from {', '.join(OBJECTIVES)}")
+    _check({"--student": arch}, objectives)
     rows = []
     for obj in objectives:
         args = dict(arch=arch, objective=obj, batch=batch, prompt_len=prompt_len, response_len=response_len,
@@ -269,12 +279,7 @@ def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tu
     from minioprd.tiny import build_tokenizer
 
     teacher = teacher or arch
-    for name, shape in (("--student", arch), ("--teacher", teacher)):
-        if shape not in ARCHS:
-            raise MinioprdError(f"unknown {name} shape {shape!r}: known are {', '.join(ARCHS)}")
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad:
-        raise MinioprdError(f"unknown objective(s) {bad}: choose from {', '.join(OBJECTIVES)}")
+    _check({"--student": arch, "--teacher": teacher}, objectives)
     if steps < 2:
         raise MinioprdError(f"--steps {steps}: the step bench needs at least 2 (the first is a warm-up)")
     rows = []
@@ -284,7 +289,7 @@ def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tu
         s_dir = _random_model_dir(arch, root / "student", tok, seed=0)
         t_dir = s_dir if teacher == arch else _random_model_dir(teacher, root / "teacher", tok, seed=1)
         words = "the a of to and is in that it for on with as was at by be this are or from".split()
-        rng = __import__("random").Random(0)
+        rng = random.Random(0)
         data = root / "prompts.jsonl"
         data.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(prompt_len))}) + "\n"
                                 for _ in range(batch * steps)))

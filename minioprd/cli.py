@@ -277,9 +277,9 @@ def bench(
                                               "-1.5b, -3b, -7b, qwen3-0.6b, -1.7b, -4b, -8b, tiny.")]
     = "qwen2.5-0.5b",
     teacher: Annotated[str, typer.Option(help="Teacher shape for `step` (default: the student's).")] = "",
-    objectives: Annotated[str, typer.Option(help="Comma-separated objectives for `update` and `step` (default for "
-                                                 "step: oprd,opd_topk).")]
-    = "oprd,opd_sampled,opd_topk,opd_full",
+    objectives: Annotated[Optional[str], typer.Option(help="Comma-separated objectives (default: all four for "
+                                                           "`update`, oprd,opd_topk for `step`).",
+                                                      show_default=False)] = None,
     batch: Annotated[int, typer.Option(help="Sequences per update / prompts per rollout.")] = 4,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
     response_len: Annotated[Optional[int], typer.Option(help="Response tokens (update; default 512) / new tokens "
@@ -309,11 +309,13 @@ def bench(
         from minioprd.files import atomic_write_json
 
         say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-        objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
+        from minioprd.bench import OBJECTIVES
+
+        objs = tuple(o.strip() for o in objectives.split(",") if o.strip()) if objectives else None
         if what == "update":
             R = response_len or 512
-            res = run_update_bench(student, objs, batch, prompt_len, R, steps, device, topk, chunk, threads,
-                                   gradient_checkpointing, log=say)
+            res = run_update_bench(student, objs or OBJECTIVES, batch, prompt_len, R, steps, device, topk, chunk,
+                                   threads, gradient_checkpointing, log=say)
             gc = "with" if gradient_checkpointing else "no"
             table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, {gc} gradient checkpointing, "
                                 f"{res['machine']}")
@@ -326,10 +328,8 @@ def bench(
             console.print(table)
         elif what == "step":
             R = response_len or 128
-            if objectives == "oprd,opd_sampled,opd_topk,opd_full":  # the `update` default: too long for whole steps
-                objs = ("oprd", "opd_topk")
-            res = run_step_bench(student, teacher, objs, batch, prompt_len, R, max(steps, 2), device, teacher_quant,
-                                 gradient_checkpointing, threads, log=say)
+            res = run_step_bench(student, teacher, objs or ("oprd", "opd_topk"), batch, prompt_len, R, max(steps, 2),
+                                 device, teacher_quant, gradient_checkpointing, threads, log=say)
             table = Table(title=f"whole step, teacher {res['teacher']} -> student {student} shape, {batch} x {R} "
                                 f"tokens, {res['machine']}")
             for col in ("objective", "s/step", "rollout", "teacher", "update", "gen tokens/s"):

@@ -398,7 +398,8 @@ class RunSpec:
         return f"{self.pairing}/{slug}/lr{self.lr:g}-seed{self.seed}-steps{self.steps}"
 
 
-OPTIONAL_KEYS = ("eval.keep_best", "loss.projection_init")  # newer settings: left out where this version of the package lacks them
+# newer settings: left out where this version of the package lacks them
+OPTIONAL_KEYS = ("eval.keep_best", "loss.projection_init")
 
 
 def _known_key(key: str) -> bool:
