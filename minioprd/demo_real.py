@@ -130,6 +130,13 @@ def run_real(output_dir: str | Path = "runs/demo-real", *, methods: tuple[str, .
                   else (lambda m: None))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # cached rows are found by name only: refuse a directory made with other models or data
+    setup = {"teacher": teacher, "student": student, "dataset": dataset, "eval_tokens": EVAL_TOKENS}
+    made = out / "setup.json"
+    if made.is_file() and json.loads(made.read_text()) != setup:
+        raise MinioprdError(f"{out} holds rows made with {json.loads(made.read_text())}, not {setup}: pass another "
+                            "--output-dir")
+    atomic_write_json(made, setup)
     torch.set_num_threads(threads)
     t0 = time.time()
     say(f"loading {teacher} (teacher) and the held-out prompts of {dataset}")

@@ -53,6 +53,12 @@ def test_real_rows_train_score_and_resume(tmp_path, monkeypatch):
     assert again["rows"][1]["ref_kl"] == rows[f"oprd-lr{OPRD}-seed0-steps2"]["ref_kl"]
 
 
+def test_real_refuses_rows_of_other_models(tmp_path):
+    dr.run_real(tmp_path / "r", methods=(), **TINY)
+    with pytest.raises(MinioprdError, match="holds rows made with"):
+        dr.run_real(tmp_path / "r", methods=(), **{**TINY, "student": "builtin:tiny-teacher"})
+
+
 def test_real_bad_input():
     with pytest.raises(MinioprdError, match="unknown method"):
         dr.run_real("unused", methods=("sft",), **TINY)
