@@ -319,12 +319,15 @@ def bench(
             gc = "with" if gradient_checkpointing else "no"
             table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, {gc} gradient checkpointing, "
                                 f"{res['machine']}")
-            for col in ("objective", "s/update", "peak +MB", "time vs oprd", "memory vs oprd"):
+            # GFLOP (forward + recompute + backward, counted on the warm-up step) shows how much of a time ratio
+            # is the work itself: on a compute-bound machine time cannot fall below it.
+            for col in ("objective", "s/update", "peak +MB", "GFLOP", "time vs oprd", "memory vs oprd",
+                        "work vs oprd"):
                 table.add_column(col, justify="right")
             for r in res["rows"]:
-                table.add_row(r["objective"], f"{r['seconds']:.2f}", f"{r['peak_increase_mb']:.0f}",
-                              f"{r.get('time_vs_oprd', float('nan')):.2f}x",
-                              f"{r.get('memory_vs_oprd', float('nan')):.2f}x")
+                gflop = f"{r['gflop']:,.0f}" if r["gflop"] >= 100 else f"{r['gflop']:.3g}"
+                table.add_row(r["objective"], f"{r['seconds']:.2f}", f"{r['peak_increase_mb']:.0f}", gflop,
+                              *(f"{r.get(k + '_vs_oprd', float('nan')):.2f}x" for k in ("time", "memory", "work")))
             console.print(table)
         elif what == "step":
             R = response_len or 128

@@ -13,14 +13,35 @@ def test_bench_update_writes_json(tmp_path):
     out = tmp_path / "b.json"
     r = CliRunner().invoke(app, ["bench", "update", "--student", "tiny", "--batch", "2", "--prompt-len", "4",
                                  "--response-len", "8", "--objectives", "oprd,opd_topk", "--threads", "1",
-                                 "-o", str(out)])
+                                 "-o", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert [row["objective"] for row in res["rows"]] == ["oprd", "opd_topk"]
     for row in res["rows"]:
         assert row["seconds"] > 0 and row["peak_increase_mb"] >= 0
     assert res["rows"][0]["time_vs_oprd"] == 1.0
-    assert "time vs oprd" in r.stdout
+    # same backbone work, plus the student's and the teacher's LM heads for OPD
+    assert res["rows"][1]["gflop"] > res["rows"][0]["gflop"] > 0 and res["rows"][1]["work_vs_oprd"] > 1
+    assert "time vs oprd" in r.stdout and "work vs oprd" in r.stdout
+
+
+def test_flop_count_matches_hand_counts():
+    import torch
+    import torch.nn.functional as F
+
+    from minioprd.bench import FlopCount, measure_one
+
+    a, b = torch.randn(8, 5, requires_grad=True), torch.randn(5, 3)
+    with (c := FlopCount()):
+        (a @ b).sum().backward()
+    assert c.total == 2 * 8 * 5 * 3 * 2  # forward, then grad of a (b needs none)
+    q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
+    with (c := FlopCount()):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    assert c.total == 3 * (2 * 1 * 2 * 6 * 6 * (4 + 4))  # QK^T and PV; backward twice that
+    # gradient checkpointing recomputes each block's forward in backward: counted, so more work
+    kw = dict(arch="tiny", objective="oprd", batch=2, prompt_len=4, response_len=8, steps=1, device="cpu", threads=1)
+    assert measure_one(**kw)["gflop"] > measure_one(**kw, gradient_checkpointing=False)["gflop"]
 
 
 def test_bench_rollout_and_bad_input(tmp_path):
