@@ -26,6 +26,12 @@ and, on the generated tokens alone (EOS and padding excluded):
                 …"); fluent text almost never repeats a 4-gram three times within 32 tokens
   samples       the decoded responses (special tokens dropped), in prompt order
 
+With `cross=` (an `align.CrossTokenizer`: the teacher has another tokenizer) the teacher reads each response as
+text in its own tokens and every student state is paired with the teacher state that has read the same text
+(`CrossTokenizer.teacher_states`, predict convention); student tokens with no teacher counterpart are left out.
+The KL is then None (the two next-token distributions live on different vocabularies) and `aligned_frac` /
+`exact_frac` give the share of response tokens with an end-covering / exactly-ending teacher token.
+
 With `reference=` (fixed rollouts, e.g. the teacher's own greedy answers) the KL and cosines are measured
 again on those tokens as `ref_kl`, `ref_cos_last`, …: identical tokens for every student, so runs compare
 without the confound that a student stuck in a loop writes text the teacher also finds easy to continue.
@@ -156,10 +162,10 @@ class _Meter:
     """Accumulates KL and layer cosines over rollout batches (token-weighted)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[int, int]],
-                 projections: Sequence[nn.Module] | None):
+                 projections: Sequence[nn.Module] | None, cross: Any = None):
         if projections is not None and len(projections) != len(pairs):
             raise MinioprdError(f"got {len(projections)} projections for {len(pairs)} layer pairs")
-        self.student, self.teacher, self.pairs = student, teacher, pairs
+        self.student, self.teacher, self.pairs, self.cross = student, teacher, pairs, cross
         self.projections = list(projections) if projections is not None else None
         self.L_s, self.L_t = num_layers(student), num_layers(teacher)
         self.comparable = projections is not None or student.config.hidden_size == teacher.config.hidden_size
@@ -172,6 +178,7 @@ class _Meter:
         self.cos_sum = torch.zeros(len(pairs), dtype=torch.float64)
         self.cos_tokens = 0
         self.kl: list[torch.Tensor] = []
+        self.response_tokens = self.aligned = self.exact = 0  # cross-tokenizer coverage
 
     @torch.no_grad()
     def add(self, ro: Rollout) -> None:
@@ -180,37 +187,53 @@ class _Meter:
         pos = ro.position_ids()
         s_states = capture_hidden(self.student, ro.input_ids.to(self.s_dev), ro.attention_mask.to(self.s_dev),
                                   pos.to(self.s_dev), self.s_layers, win.start, win.stop)
-        t_states = capture_hidden(self.teacher, ro.input_ids.to(self.t_dev), ro.attention_mask.to(self.t_dev),
-                                  pos.to(self.t_dev), self.t_layers, win.start, win.stop)
+        if self.cross is None:
+            t_states = capture_hidden(self.teacher, ro.input_ids.to(self.t_dev), ro.attention_mask.to(self.t_dev),
+                                      pos.to(self.t_dev), self.t_layers, win.start, win.stop)
+            mask = win.mask
+        else:  # the teacher reads the text in its own tokens; its states are gathered at the student's columns
+            inputs = self.cross.align(ro)
+            t_states, mask = self.cross.teacher_states(self.teacher, ro, self.t_layers, win, "predict", inputs,
+                                                       device=self.t_dev)
+            valid = ro.response_mask.bool().to(inputs.token_cols.device)
+            self.response_tokens += int(valid.sum())
+            self.aligned += int(((inputs.token_cols >= 0) & valid).sum())
+            self.exact += int((inputs.exact & valid).sum())
         s_by = dict(zip(self.s_layers, s_states))
         t_by = {b: h.to(self.s_dev) for b, h in zip(self.t_layers, t_states)}
-        mask = win.mask.to(self.s_dev)
+        mask = mask.to(self.s_dev)
         n_tok = int(mask.sum())
         if self.comparable and n_tok:
             cos = layer_cosines([s_by[a].float() for a, _ in self.pairs], [t_by[b].float() for _, b in self.pairs],
                                 mask, self.projections)
             self.cos_sum += cos.double().cpu() * n_tok
             self.cos_tokens += n_tok
-        self.kl.append(reverse_kl_per_token(s_by[self.L_s], t_by[self.L_t], mask, self.s_head, self.t_head,
-                                            vocab_size=self.vocab).float().cpu())
+        if self.cross is None:  # across tokenizers the two distributions have different supports: no KL
+            self.kl.append(reverse_kl_per_token(s_by[self.L_s], t_by[self.L_t], mask, self.s_head, self.t_head,
+                                                vocab_size=self.vocab).float().cpu())
 
     def result(self, prefix: str = "") -> dict[str, Any]:
         kl = torch.cat(self.kl) if self.kl else torch.zeros(0)
         layer_cos = (self.cos_sum / self.cos_tokens).tolist() if self.comparable and self.cos_tokens else None
-        return {
-            f"{prefix}tokens": int(kl.numel()),
+        out = {
+            f"{prefix}tokens": int(kl.numel()) if self.cross is None else self.aligned,
             f"{prefix}kl": float(kl.mean()) if kl.numel() else None,
             f"{prefix}kl_median": float(kl.median()) if kl.numel() else None,
             f"{prefix}layer_cos": layer_cos,
             f"{prefix}cos_mean": sum(layer_cos) / len(layer_cos) if layer_cos else None,
             f"{prefix}cos_last": layer_cos[-1] if layer_cos else None,
         }
+        if self.cross is not None:
+            n = max(self.response_tokens, 1)
+            out.update({f"{prefix}aligned_frac": self.aligned / n, f"{prefix}exact_frac": self.exact / n})
+        return out
 
 
 def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, prompts: list[list[int]],
                      pairs: Sequence[tuple[int, int]], projections: Sequence[nn.Module] | None = None, *,
                      max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8,
-                     seed: int = 0, reference: Sequence[Rollout] | None = None) -> dict[str, Any]:
+                     seed: int = 0, reference: Sequence[Rollout] | None = None,
+                     cross: Any = None) -> dict[str, Any]:
     """Student-vs-teacher alignment and generation quality on the student's own responses (module docstring).
 
     prompts: token ids (as `data.tokenize_prompts` makes them); pairs: hidden_states indices (1..L, the last
@@ -220,11 +243,15 @@ def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, pro
     reference: fixed rollouts (e.g. `rollout(teacher, ...)`, the teacher's own greedy answers) on which the
     KL and cosines are measured again as `ref_kl`, `ref_cos_last`, ...: the same tokens for every student, so
     runs compare without the confound that a looping student's own text is easy for the teacher to predict.
+
+    cross: an `align.CrossTokenizer` when the teacher's tokenizer differs (module docstring); not with reference.
     """
     if not prompts:
         raise MinioprdError("alignment_report needs at least one prompt")
+    if cross is not None and reference is not None:
+        raise MinioprdError("reference rollouts are in one tokenizer's ids: not usable with a cross-tokenizer teacher")
     pairs = [(int(a), int(b)) for a, b in pairs]
-    meter = _Meter(student, teacher, pairs, projections)
+    meter = _Meter(student, teacher, pairs, projections, cross)
     ref_meter = _Meter(student, teacher, pairs, projections) if reference is not None else None
     eos = set(eos_ids(student, tokenizer))
 

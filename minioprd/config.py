@@ -156,11 +156,13 @@ class EvalConfig:
     holdout: int = _f(16, "Prompts held out from training when eval.dataset is empty (0 = none: only for a "
                       "custom evaluator passed to distill()).", min=0)
     task: bool = _f(True, "Task accuracy (greedy avg@1, graded with math-verify) when the prompts have answers.")
-    alignment: bool = _f(True, "Per-layer cosine and reverse KL to the teacher on the student's own responses.")
+    alignment: bool = _f(True, "Per-layer cosine and reverse KL to the teacher on the student's own responses "
+                               "(no KL when the tokenizers differ).")
     max_new_tokens: int = _f(256, "Longest evaluation response.", min=1)
     batch_size: int = _f(16, "Prompts per evaluation batch.", min=1)
     metric: str = _f("auto", "Metric that picks the best checkpoint: auto (accuracy if there are answers, else "
-                     "kl), accuracy, kl or cos.", choices=("auto", "accuracy", "kl", "cos"))
+                     "kl, else cos when the tokenizers differ), accuracy, kl or cos.",
+                     choices=("auto", "accuracy", "kl", "cos"))
     keep_best: bool = _f(True, "Copy the adapter to best/ whenever the metric improves.")
 
 

@@ -214,6 +214,12 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
     texts = render_prompts(s.tokenizer, s.eval_examples, template=cfg.data.prompt_template,
                            suffix=cfg.data.prompt_suffix, chat_template=cfg.data.chat_template)
     prompts, _, _ = tokenize_prompts(s.tokenizer, texts, cfg.data.max_prompt_tokens, "truncate")
+    if s.cross is not None and prompts:  # the teacher reads the held-out prompts in its own chat template too
+        from minioprd.align import prompt_table, teacher_prompts
+
+        s.cross.prompts.update(prompt_table(prompts, teacher_prompts(
+            s.cross.teacher_tok, s.eval_examples, template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
+            chat_template=cfg.data.chat_template)))
 
     def evaluate(s: Setup, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -221,13 +227,13 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
             m = evaluate_task(s.student, s.tokenizer, task, k=1, greedy=True, max_new_tokens=cfg.eval.max_new_tokens,
                               batch_size=cfg.eval.batch_size, seed=cfg.train.seed)
             out.update({"accuracy": m["avg@1"], "no_answer": m["no_answer"], "mean_length": m["mean_length"]})
-        if cfg.eval.alignment and s.cross is None:  # alignment_report feeds the student's ids to the teacher
+        if cfg.eval.alignment:
             with torch.random.fork_rng(devices=[]):  # the report seeds its own rollouts
                 a = alignment_report(s.student, s.teacher, s.tokenizer, prompts, s.pairs,
                                      None if s.bridge is not None else list(s.projections) or None,
                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                     seed=cfg.train.seed)
-            out.update({k: a[k] for k in ("kl", "cos_mean", "cos_last", "distinct_4", "repetition")
+                                     seed=cfg.train.seed, cross=s.cross)
+            out.update({k: a[k] for k in ("kl", "cos_mean", "cos_last", "aligned_frac", "distinct_4", "repetition")
                         if a.get(k) is not None})
         return out
 
@@ -236,10 +242,11 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
 
 def best_metric(cfg: Config, figures: dict[str, float]) -> tuple[str, float, bool] | None:
     """(name, value, higher_is_better) of the checkpoint-picking metric in an eval's figures, if present."""
+    keys = {"accuracy": "eval/accuracy", "kl": "eval/kl", "cos": "eval/cos_mean"}
     name = cfg.eval.metric
-    if name == "auto":
-        name = "accuracy" if "eval/accuracy" in figures else "kl"
-    key = {"accuracy": "eval/accuracy", "kl": "eval/kl", "cos": "eval/cos_mean"}[name]
+    if name == "auto":  # the first one present: no answers -> kl; no KL (tokenizers differ) -> cos
+        name = next((n for n, k in keys.items() if figures.get(k) is not None), "kl")
+    key = keys[name]
     if figures.get(key) is None:
         return None
     return key, float(figures[key]), name != "kl"

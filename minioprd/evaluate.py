@@ -599,10 +599,12 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
     proportionally, no projections, so cosines exist only when the widths match). With `adapter`, `student`
     may be left out; if given it must be the run's own base.
     """
+    from minioprd.align import CrossTokenizer, encode_prompts, prompt_table, same_tokenizer
     from minioprd.alignment import alignment_report, load_run_student
     from minioprd.capture import num_layers
     from minioprd.layers import layer_map
     from minioprd.models import ResolvedModel, check_tokenizers, load_teacher, load_tokenizer, resolve_model
+    from minioprd.rollout import eos_ids
 
     log = _logger(console)
     if teacher_quant not in QUANTS:
@@ -648,17 +650,28 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
         student_label = str(student)
     log(f"student: {student_label}; teacher: {t_res.note}")
     teacher_model = load_teacher(t_res, teacher_quant, dev)
-    check_tokenizers(tokenizer, load_tokenizer(t_res, "teacher"), teacher_model.get_input_embeddings().weight.shape[0])
+    teacher_tok = load_tokenizer(t_res, "teacher")
     if pairs is None:
         pairs = layer_map(layers, num_layers(student_model), num_layers(teacher_model))
-    texts = render_eval_prompts(tokenizer, examples, prompt_suffix=suffix, prompt_template=prompt_template,
-                                chat_template=chat_template, system_prompt=system_prompt)
-    prompts, _, skipped = tokenize_prompts(tokenizer, texts, max_prompt_tokens, "skip")
+    render = dict(prompt_suffix=suffix, prompt_template=prompt_template, chat_template=chat_template,
+                  system_prompt=system_prompt)
+    prompts, kept, skipped = tokenize_prompts(tokenizer, render_eval_prompts(tokenizer, examples, **render),
+                                              max_prompt_tokens, "skip")
     log(f"prompts: {len(prompts)} from {dataset}" + (f" ({skipped} longer than {max_prompt_tokens} tokens skipped)"
                                                        if skipped else ""))
+    cross = None
+    if same_tokenizer(tokenizer, teacher_tok):
+        check_tokenizers(tokenizer, teacher_tok, teacher_model.get_input_embeddings().weight.shape[0])
+    else:  # as in distill: the teacher reads each answer as text, its prompt in its own chat template
+        t_prompts = encode_prompts(teacher_tok, render_eval_prompts(teacher_tok, [examples[i] for i in kept],
+                                                                    **render))
+        cross = CrossTokenizer(tokenizer, teacher_tok, prompt_table(prompts, t_prompts),
+                               student_eos=eos_ids(student_model, tokenizer))
+        log("tokenizers differ: the teacher reads each answer as text in its own tokens (no KL: the vocabularies "
+            "differ)")
     report = alignment_report(student_model, teacher_model, tokenizer, prompts, pairs, projections,
                               max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                              batch_size=batch_size, seed=seed)
+                              batch_size=batch_size, seed=seed, cross=cross)
     result = {"student": student_label, "teacher": teacher, "teacher_quant": teacher_quant,
               "dataset": {"source": dataset, "split": split, "preset": preset, "prompts": len(prompts),
                           "skipped_prompts": skipped}, "report": report}
@@ -684,6 +697,10 @@ def print_alignment(result: dict[str, Any], console: Any) -> None:
                  num(None if r["distinct_4"] is None else 100 * r["distinct_4"], ".1f"),
                  num(100 * r["repetition"], ".1f"))
     console.print(head)
+    if r.get("aligned_frac") is not None:
+        console.print(f"teacher with another tokenizer: {100 * r['aligned_frac']:.1f}% of response tokens aligned "
+                      f"({100 * r['exact_frac']:.1f}% exactly); no KL across vocabularies", markup=False,
+                      highlight=False)
     if r["layer_cos"] is not None:
         layers = Table(title="cosine per layer pair (student layer -> teacher layer)")
         layers.add_column("student")

@@ -230,8 +230,8 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, teacher_vocab_rows: int
             raise MinioprdError(
                 f"teacher and student tokenizers differ (text {text[:30]!r} -> {s[:6]}... vs {t[:6]}...): "
                 f"this needs the teacher to read the student's tokens; pick a teacher of the student's family "
-                f"(`minioprd distill` and `minioprd bridge` handle different tokenizers; `minioprd eval --teacher` "
-                f"does not yet)")
+                f"(`minioprd distill` with loss.objective=oprd, `minioprd bridge` and `minioprd eval --teacher` "
+                f"handle different tokenizers)")
     biggest = len(student_tok) - 1
     if biggest >= teacher_vocab_rows:
         raise MinioprdError(f"the student's tokenizer has ids up to {biggest} but the teacher's embedding has "

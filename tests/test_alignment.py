@@ -82,6 +82,26 @@ def test_different_models_kl_positive_and_cosines_need_projections(tiny_dirs, ti
     assert rep_same["ref_kl"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_cross_tokenizer_path_pairs_the_same_states(tiny_dirs, tiny_tokenizer):
+    # With the teacher "reading the text" in the same tokenizer the alignment is the identity: the cosines must
+    # be those of the direct path, every token aligned exactly, and no KL (the path assumes other vocabularies).
+    from minioprd.align import CrossTokenizer, prompt_table
+
+    student, teacher = _load(tiny_dirs["student"]), _load(tiny_dirs["teacher"])
+    pairs, prompts = [(1, 2), (2, 4)], _prompts(tiny_tokenizer, 3)
+    torch.manual_seed(0)
+    projections = [torch.nn.Linear(64, 128, bias=False) for _ in pairs]
+    direct = alignment_report(student, teacher, tiny_tokenizer, prompts, pairs, projections, max_new_tokens=10)
+    cross = CrossTokenizer(tiny_tokenizer, tiny_tokenizer, prompt_table(prompts, prompts))
+    rep = alignment_report(student, teacher, tiny_tokenizer, prompts, pairs, projections, max_new_tokens=10,
+                           cross=cross)
+    assert rep["layer_cos"] == pytest.approx(direct["layer_cos"], abs=1e-4)
+    assert rep["kl"] is None and rep["aligned_frac"] == 1.0 and rep["exact_frac"] == 1.0
+    assert rep["samples"] == direct["samples"] and "aligned_frac" not in direct
+    with pytest.raises(Exception, match="reference"):
+        alignment_report(student, teacher, tiny_tokenizer, prompts, pairs, cross=cross, reference=[])
+
+
 def test_four_bit_teacher(tiny_dirs, tiny_tokenizer):
     from minioprd.models import ResolvedModel, load_teacher
 

@@ -102,3 +102,22 @@ def test_bridge_and_distill_across_widths_depths_and_tokenizers(tmp_path, other_
     assert len(rows) == 4 and all(x["loss"] > 0 for x in rows)
     meta = json.loads((out / "adapter" / "minioprd.json").read_text())
     assert meta["same_tokenizer"] is False and meta["bridge"]["rank"] == 4
+
+
+def test_eval_alignment_and_in_loop_eval_with_another_tokenizer(tmp_path, other_teacher):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--teacher", str(other_teacher), "--steps", "4",
+                            "model.teacher_quant=none", "train.eval_every=2", "eval.holdout=6",
+                            "eval.max_new_tokens=8"])
+    assert r.exit_code == 0, r.output
+    evals = [x for x in _rows(out) if "eval/cos_mean" in x]
+    assert evals and all("eval/kl" not in x and 0.5 < x["eval/aligned_frac"] <= 1 for x in evals)
+    assert (out / "best").is_dir()  # auto picks the cosine when there is neither accuracy nor KL
+    r = runner.invoke(app, ["eval", "--teacher", str(other_teacher), "--adapter", str(out), "-d", "builtin:arithmetic",
+                            "--max-problems", "4", "--max-new-tokens", "8", "--greedy", "--teacher-quant", "none",
+                            "--device", "cpu", "-o", str(tmp_path / "align")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "align" / "alignment.json").read_text())["report"]
+    assert rep["kl"] is None and 0.5 < rep["aligned_frac"] <= 1 and 0 < rep["exact_frac"] <= rep["aligned_frac"]
+    assert len(rep["layer_cos"]) == len(rep["pairs"]) and all(-1 <= c <= 1 for c in rep["layer_cos"])
+    assert "tokenizers differ" in r.stdout and "aligned" in r.stdout
