@@ -574,9 +574,9 @@ def report(
 @app.command("demo")
 def demo(
     compare: Annotated[bool, typer.Option("--compare", help="The reproduction: every objective (OPRD, OPD sampled/"
-                                          "top-k/full, OPD + mu*OPRD, SFT on teacher samples) x seeds x both "
-                                          "pairings, learning rates picked on a validation split, plus the OPRD "
-                                          "knob rows. ~85 min on 2 cores.")] = False,
+                                          "top-k/full, OPD + mu*OPRD, SFT on teacher samples; OPRD-Bridge on the "
+                                          "wide pairing) x seeds x both pairings, learning rates picked on a "
+                                          "validation split, plus the OPRD knob rows. ~95 min on 2 cores.")] = False,
     real: Annotated[bool, typer.Option("--real", help="Real weights: SmolLM2-135M-Instruct teacher, its copy "
                                        "without blocks 10-13 as LoRA student, chat prompts; OPRD, OPD and OPD + "
                                        "mu*OPRD, measured by KL to the teacher and the student's writing on "
@@ -621,7 +621,7 @@ def demo(
     OPRD closing the gap; --compare reproduces the paper's OPRD-vs-OPD comparison in miniature.
 
     [bold]minioprd demo[/bold]            (~2-5 min on 2 cores: report.json + demo.png in runs/demo)
-    [bold]minioprd demo --compare[/bold]  (~85 min: compare.json + compare.md + compare.png in runs/demo-compare)
+    [bold]minioprd demo --compare[/bold]  (~95 min: compare.json + compare.md + compare.png in runs/demo-compare)
     [bold]minioprd demo --real[/bold]     (~15 min: real.json + real.md in runs/demo-real; SmolLM2-135M weights)
     """
 

@@ -15,8 +15,9 @@ path). The paper's setting is rebuilt in miniature (`build_pairs`, cached under 
 `minioprd demo` distills the student with OPRD towards the shared-origin teacher (LoRA r=16, lr 1e-2, 100
 steps of 16 prompts x 4 rollouts at T=1) and with OPD + mu*OPRD towards the wide one, where vanilla OPRD
 collapses (the paper's stated limitation: it needs aligned representations). `minioprd demo --compare` runs
-every objective (METHODS) and the OPRD knobs (KNOBS) with 3 seeds, each at the learning rate it does best with
-on the validation split (same grid for all), and resumes from its finished runs.
+every objective (METHODS, with OPRD-Bridge rows on the wide pairing: `demo_bridge` fits the bridge once) and
+the OPRD knobs (KNOBS) with 3 seeds, each at the learning rate it does best with on the validation split (same
+grid for all), and resumes from its finished runs.
 
     from minioprd.demo import run_demo, run_compare
     report = run_demo("runs/demo")                 # -> report.json, demo.png
@@ -78,8 +79,15 @@ METHODS: dict[str, dict[str, Any]] = {
     # width projections fitted by least squares before the first step (loss.projection_init=lstsq) instead of
     # random: only differs where widths differ, so it runs on the wide pairing only
     "oprd_lstsq": {"loss.objective": "oprd", "loss.projection_init": "lstsq"},
+    # OPRD-Bridge (paper §3, Eqs. 11-15), the paper's answer for models that differ: a frozen rank-8 subspace
+    # fitted on the student's rollouts before training (`minioprd bridge`), alone and as OPD's extra term
+    "oprd_bridge": {"loss.objective": "oprd", "loss.bridge": "{bridge}", "loss.kind": "normalized_mse",
+                    "loss.coef": 10.0},
+    "opd_full+oprd_bridge": {"loss.objective": "opd_full", "loss.mu": 1.0, "loss.bridge": "{bridge}",
+                             "loss.kind": "normalized_mse", "loss.coef": 10.0},
 }
-WIDE_ONLY = ("oprd_lstsq",)
+WIDE_ONLY = ("oprd_lstsq", "oprd_bridge", "opd_full+oprd_bridge")
+BRIDGE_RANK = 8  # the paper's rank
 # OPRD knobs, each its own row on the shared-origin pairing (at OPRD's learning rate unless it has a grid).
 KNOBS: dict[str, dict[str, Any]] = {
     "oprd/token": {"loss.objective": "oprd", "loss.convention": "token"},  # the authors' position convention
@@ -746,6 +754,19 @@ def _plan(methods: tuple[str, ...], pairings: tuple[str, ...], knobs: tuple[str,
     return rows
 
 
+def demo_bridge(pairs: Pairs, pairing: str, out: Path, threads: int = 1) -> Path:
+    """`out/bridge-<pairing>`: the OPRD-Bridge of the student and that teacher, fitted once (Stage 0: the
+    student's sampled answers to the train split's prompts; Stage 1: teacher PCA, then P_S)."""
+    from minioprd.bridge import META, build_bridge
+
+    path = out / f"bridge-{pairing}"
+    if not (path / META).is_file():
+        build_bridge(str(pairs.teacher(pairing)), str(pairs.student), "builtin:arithmetic", path, rank=BRIDGE_RANK,
+                     prompts=2000, max_new_tokens=MAX_NEW_TOKENS, teacher_quant="none", device="cpu",
+                     chat_template="true", prompt_suffix="", threads=threads, force=True)
+    return path
+
+
 def run_compare(output_dir: str | Path = "runs/demo-compare", *, seeds: int = 3, steps: int = 100,
                 methods: tuple[str, ...] = tuple(METHODS), pairings: tuple[str, ...] = PAIRINGS,
                 knobs: tuple[str, ...] = tuple(KNOBS), lrs: tuple[float, ...] = LORA_LRS,
@@ -789,6 +810,9 @@ def run_compare(output_dir: str | Path = "runs/demo-compare", *, seeds: int = 3,
 
     def one(pairing: str, method: str, over: dict[str, Any], lr: float, seed: int) -> dict[str, Any]:
         nonlocal done
+        if "{bridge}" in over.values():
+            over = {k: str(demo_bridge(pairs, pairing, out, threads)) if v == "{bridge}" else v
+                    for k, v in over.items()}
         spec = RunSpec(pairing=pairing, method=method, overrides=over, lr=lr, seed=seed, steps=steps,
                        eval_every=eval_every)
         run_dir = out / "runs" / spec.name()

@@ -190,12 +190,12 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
     shape_s, shape_t = (num_layers(student), d_s), (num_layers(teacher), d_t)
-    if cfg.loss.objective == "oprd" and not cfg.loss.bridge and shape_s != shape_t:
-        log(f"note: student {shape_s[0]}x{shape_s[1]} and teacher {shape_t[0]}x{shape_t[1]} differ in shape. Plain "
-            "OPRD needs representations of a shared origin (the paper's same-architecture setting); with a teacher "
-            "trained apart it failed in `minioprd demo --compare` (wide pairing), and on a layer-dropped SmolLM2 "
-            "student loss.objective=opd_full (optionally loss.mu=1) cut the KL to the teacher more (README, "
-            "`minioprd demo --real`). For other architectures the paper uses a bridge (`minioprd bridge`).")
+    if cfg.loss.objective == "oprd" and shape_s != shape_t:
+        log(f"note: student {shape_s[0]}x{shape_s[1]} and teacher {shape_t[0]}x{shape_t[1]} differ in shape. "
+            "Representation matching alone needs a shared origin (the paper's same-architecture setting): with a "
+            "teacher trained apart, `minioprd demo --compare` (wide pairing) got ~35% from OPRD with projections "
+            "and from OPRD-Bridge, ~55% from loss.objective=opd_full (alone or with loss.mu=1), and on a "
+            "layer-dropped SmolLM2 student opd_full cut the KL to the teacher more (README).")
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
 

@@ -168,6 +168,28 @@ def test_compare_reduced_picks_lr_on_validation_and_resumes(pairs, tmp_path, mon
     assert [r["acc_mean"] for r in again["rows"]] == [r["acc_mean"] for r in res["rows"]]
 
 
+def test_compare_bridge_rows_fit_one_bridge_and_train_in_its_subspace(pairs, tmp_path, monkeypatch):
+    import minioprd.bridge as b
+
+    out = tmp_path / "cmp"
+    builds = []
+    real = b.build_bridge
+    monkeypatch.setattr(b, "build_bridge", lambda *a, **k: builds.append(a) or real(*a, **{**k, "prompts": 16}))
+    res = d.run_compare(out, seeds=1, steps=2, eval_every=2, n_test=8, recipe=SMALL, pairings=("shared", "wide"),
+                        methods=("oprd_bridge", "opd_full+oprd_bridge"), knobs=(), lrs=(1e-3,))
+    # wide only (the shared-origin pair needs no bridge); one bridge for both rows, of the wide teacher
+    assert [(r["pairing"], r["method"]) for r in res["rows"]] == [("wide", "oprd_bridge"),
+                                                                   ("wide", "opd_full+oprd_bridge")]
+    assert len(builds) == 1 and builds[0][0] == str(pairs.teacher("wide"))
+    meta = json.loads((out / "bridge-wide" / "bridge.json").read_text())
+    assert meta["rank"] == d.BRIDGE_RANK
+    for run in (out / "runs" / "wide").iterdir():
+        cfg = (next(run.iterdir()) / "config.yaml").read_text()
+        assert f"bridge: {out / 'bridge-wide'}" in cfg and "kind: normalized_mse" in cfg
+        rows = [json.loads(l) for l in (next(run.iterdir()) / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all(r["loss"] > 0 for r in rows if "loss" in r)
+
+
 def test_cli_demo_rejects_bad_options(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["demo", "--compare", "--methods", "opd_magic", "-o", str(tmp_path / "x"),
