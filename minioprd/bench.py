@@ -98,11 +98,13 @@ def FlopCount() -> Any:
 
 def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response_len: int, steps: int,
                 device: str, seed: int = 0, topk: int = 16, chunk: int = 512, lora_r: int = 16,
-                threads: int = 0, gradient_checkpointing: bool = True) -> dict[str, Any]:
+                threads: int = 0, gradient_checkpointing: bool = True, micro_batch: int = 0) -> dict[str, Any]:
     """One objective, in this process: returns seconds per update and peak-memory increase in MB.
 
     With `gradient_checkpointing` (as in every GPU recipe) only block inputs are kept for backward, so the
-    backbone's activations stop dominating and what each objective adds on top becomes visible.
+    backbone's activations stop dominating and what each objective adds on top becomes visible. With
+    `micro_batch` (as `rollout.micro_batch` in distill) the `batch` sequences go through forward and backward
+    that many at a time, gradients accumulating, before the one optimizer step.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -140,16 +142,24 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
 
+    mb = micro_batch if 0 < micro_batch < batch else batch
+
     def update() -> None:
-        if objective == "oprd":
-            states = capture_hidden(student, ids, attn, pos, list(range(1, L + 1)), start, stop)
-            loss, _ = representation_loss([h.float() for h in states], targets, mask, kind="scale_mse")
-        else:
-            (h,) = capture_hidden(student, ids, attn, pos, [L], start, stop)
-            loss = OPD_LOSSES[objective](h.float(), targets[0], tokens, mask,
-                                         lambda x: s_head(x.to(dtype)), lambda x: t_head(x.to(dtype)),
-                                         vocab_size=V, k=topk, chunk_size=chunk)
-        loss.backward()
+        for i in range(0, batch, mb):
+            rows = slice(i, i + mb)
+            if objective == "oprd":
+                states = capture_hidden(student, ids[rows], attn[rows], pos[rows], list(range(1, L + 1)), start, stop)
+                loss, _ = representation_loss([h.float() for h in states], [t[rows] for t in targets], mask[rows],
+                                              kind="scale_mse")
+            else:
+                (h,) = capture_hidden(student, ids[rows], attn[rows], pos[rows], [L], start, stop)
+                loss = OPD_LOSSES[objective](h.float(), targets[0][rows], tokens[rows], mask[rows],
+                                             lambda x: s_head(x.to(dtype)), lambda x: t_head(x.to(dtype)),
+                                             vocab_size=V, k=topk, chunk_size=chunk)
+            # each part's share of the batch mean, as distill weights micro-batches: sequences for OPRD's
+            # per-sequence mean, tokens for OPD's token mean
+            share = (mb if objective == "oprd" else mask[rows].sum()) / (batch if objective == "oprd" else mask.sum())
+            (loss * share).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -179,7 +189,8 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
     return {"objective": objective, "arch": arch, "device": device, "batch": batch, "prompt_len": prompt_len,
             "response_len": response_len, "seconds": sum(times) / steps, "peak_increase_mb": max(peaks),
             "gflop": counter.total / 1e9,
-            "steps": steps, "topk": topk, "chunk": chunk, "gradient_checkpointing": gradient_checkpointing}
+            "steps": steps, "topk": topk, "chunk": chunk, "gradient_checkpointing": gradient_checkpointing,
+            "micro_batch": mb}
 
 
 def _check(shapes: dict[str, str], objectives: tuple[str, ...]) -> None:
@@ -198,16 +209,18 @@ def _check(shapes: dict[str, str], objectives: tuple[str, ...]) -> None:
 def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = OBJECTIVES, batch: int = 4,
                      prompt_len: int = 64, response_len: int = 512, steps: int = 1, device: str = "cpu",
                      topk: int = 16, chunk: int = 512, threads: int = 0, gradient_checkpointing: bool = True,
-                     log: Any = print) -> dict[str, Any]:
+                     micro_batch: int = 0, log: Any = print) -> dict[str, Any]:
     """Each objective in a fresh subprocess (so CPU peak RSS is its own); ratios against oprd."""
     from minioprd.errors import MinioprdError
 
     _check({"--student": arch}, objectives)
+    if micro_batch < 0:
+        raise MinioprdError(f"--micro-batch must be >= 0 (0 = the whole batch at once), got {micro_batch}")
     rows = []
     for obj in objectives:
         args = dict(arch=arch, objective=obj, batch=batch, prompt_len=prompt_len, response_len=response_len,
                     steps=steps, device=device, topk=topk, chunk=chunk, threads=threads,
-                    gradient_checkpointing=gradient_checkpointing)
+                    gradient_checkpointing=gradient_checkpointing, micro_batch=micro_batch)
         code = ("import json,sys; from minioprd.bench import measure_one; "
                 "print('RESULT'+json.dumps(measure_one(**json.loads(sys.argv[1]))))")
         # Large allocations via mmap, so freed tensors leave RSS at once and the peak tracks live memory
@@ -229,7 +242,7 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
             r["memory_vs_oprd"] = r["peak_increase_mb"] / max(ref["peak_increase_mb"], 1e-9)
             r["work_vs_oprd"] = r["gflop"] / max(ref["gflop"], 1e-9)
     return {"bench": "update", "arch": arch, "device": device, "threads": threads or os.cpu_count(),
-            "gradient_checkpointing": gradient_checkpointing,
+            "gradient_checkpointing": gradient_checkpointing, "micro_batch": rows[0]["micro_batch"] if rows else 0,
             "machine": _machine(device), "rows": rows}
 
 

@@ -294,6 +294,9 @@ def bench(
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Student recomputes activations in backward (on in every GPU recipe).")] = True,
+    micro_batch: Annotated[int, typer.Option(help="`update`: sequences per forward/backward, gradients "
+                                                  "accumulating over the batch (as rollout.micro_batch; 0 = all "
+                                                  "at once).")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")]
     = None,
@@ -315,10 +318,11 @@ def bench(
         if what == "update":
             R = response_len or 512
             res = run_update_bench(student, objs or OBJECTIVES, batch, prompt_len, R, steps, device, topk, chunk,
-                                   threads, gradient_checkpointing, log=say)
+                                   threads, gradient_checkpointing, micro_batch, log=say)
             gc = "with" if gradient_checkpointing else "no"
-            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens, {gc} gradient checkpointing, "
-                                f"{res['machine']}")
+            mb = f" in micro-batches of {res['micro_batch']}" if res["micro_batch"] < batch else ""
+            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens{mb}, {gc} gradient "
+                                f"checkpointing, {res['machine']}")
             # GFLOP (forward + recompute + backward, counted on the warm-up step) shows how much of a time ratio
             # is the work itself: on a compute-bound machine time cannot fall below it.
             for col in ("objective", "s/update", "peak +MB", "GFLOP", "time vs oprd", "memory vs oprd",

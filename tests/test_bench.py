@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from minioprd.cli import app
@@ -42,6 +43,18 @@ def test_flop_count_matches_hand_counts():
     # gradient checkpointing recomputes each block's forward in backward: counted, so more work
     kw = dict(arch="tiny", objective="oprd", batch=2, prompt_len=4, response_len=8, steps=1, device="cpu", threads=1)
     assert measure_one(**kw)["gflop"] > measure_one(**kw, gradient_checkpointing=False)["gflop"]
+
+
+def test_micro_batched_update_does_the_same_work():
+    from minioprd.bench import measure_one
+
+    kw = dict(arch="tiny", batch=3, prompt_len=4, response_len=8, steps=1, device="cpu", threads=1)
+    for objective in ("oprd", "opd_topk"):
+        whole, parts = measure_one(objective=objective, **kw), measure_one(objective=objective, micro_batch=1, **kw)
+        assert whole["micro_batch"] == 3 and parts["micro_batch"] == 1
+        assert parts["gflop"] == pytest.approx(whole["gflop"], rel=1e-9)  # every sequence once, nothing twice
+    r = CliRunner().invoke(app, ["bench", "update", "--student", "tiny", "--micro-batch", "-1"])
+    assert r.exit_code == 2 and "--micro-batch must be >= 0" in r.stderr
 
 
 def test_bench_rollout_and_bad_input(tmp_path):
