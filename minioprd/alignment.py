@@ -32,6 +32,9 @@ text in its own tokens and every student state is paired with the teacher state 
 The KL is then None (the two next-token distributions live on different vocabularies) and `aligned_frac` /
 `exact_frac` give the share of response tokens with an end-covering / exactly-ending teacher token.
 
+With `bridge=` (a run's `bridge.Bridge`) the cosines are taken in the bridge's r-dim subspace, between
+P_S h_S and P_T (h_T - mu_T), the two vectors a bridge run's loss compares.
+
 With `reference=` (fixed rollouts, e.g. the teacher's own greedy answers) the KL and cosines are measured
 again on those tokens as `ref_kl`, `ref_cos_last`, …: identical tokens for every student, so runs compare
 without the confound that a student stuck in a loop writes text the teacher also finds easy to continue.
@@ -72,7 +75,8 @@ def load_run_student(adapter_dir: str | Path, device: str | torch.device = "cpu"
     Returns (student: PeftModel with the adapter loaded, projections: one bias-free Linear(d_S -> d_T) per
     layer pair or None when the run had none, pairs: the run's (student, teacher) layer map). The base is
     `minioprd.json`'s `student_path`, or the `student` name resolved again when that path is gone (e.g. a
-    builtin under another MINIOPRD_HOME). The tokenizer is saved alongside: `AutoTokenizer.from_pretrained(adapter_dir)`.
+    builtin under another MINIOPRD_HOME). The tokenizer is saved alongside:
+    `AutoTokenizer.from_pretrained(adapter_dir)`.
     """
     from peft import PeftModel
 
@@ -112,6 +116,23 @@ def load_run_student(adapter_dir: str | Path, device: str | torch.device = "cpu"
             proj.requires_grad_(False)
             projections.append(proj.to(device))
     return student, projections, pairs
+
+
+def load_run_bridge(adapter_dir: str | Path, teacher: str, device: str | torch.device = "cpu") -> Any:
+    """The bridge a run trained in (`<adapter>/bridge`, with P_S as trained), or None for a run without one.
+
+    `teacher` is the teacher being compared against: a bridge fitted for another teacher is refused.
+    """
+    from minioprd.bridge import load_bridge
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "minioprd.json").is_file() and (adapter_dir / "adapter" / "minioprd.json").is_file():
+        adapter_dir = adapter_dir / "adapter"
+    meta = json.loads((adapter_dir / "minioprd.json").read_text())
+    if not meta.get("bridge"):
+        return None
+    return load_bridge(adapter_dir / meta["bridge"].get("dir", "bridge"), meta["student"], teacher,
+                       [tuple(p) for p in meta["layer_map"]], device=device)
 
 
 # --------------------------------------------------------------------------------------------- text metrics
@@ -162,10 +183,16 @@ class _Meter:
     """Accumulates KL and layer cosines over rollout batches (token-weighted)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[int, int]],
-                 projections: Sequence[nn.Module] | None, cross: Any = None):
+                 projections: Sequence[nn.Module] | None, cross: Any = None, bridge: Any = None):
+        if bridge is not None:
+            if projections is not None:
+                raise MinioprdError("pass width projections or a bridge, not both")
+            if [tuple(p) for p in bridge.pairs] != [tuple(p) for p in pairs]:
+                raise MinioprdError(f"the bridge maps layers {bridge.pairs}, the report {pairs}")
+            projections = bridge.student_projections
         if projections is not None and len(projections) != len(pairs):
             raise MinioprdError(f"got {len(projections)} projections for {len(pairs)} layer pairs")
-        self.student, self.teacher, self.pairs, self.cross = student, teacher, pairs, cross
+        self.student, self.teacher, self.pairs, self.cross, self.bridge = student, teacher, pairs, cross, bridge
         self.projections = list(projections) if projections is not None else None
         self.L_s, self.L_t = num_layers(student), num_layers(teacher)
         self.comparable = projections is not None or student.config.hidden_size == teacher.config.hidden_size
@@ -204,8 +231,10 @@ class _Meter:
         mask = mask.to(self.s_dev)
         n_tok = int(mask.sum())
         if self.comparable and n_tok:
-            cos = layer_cosines([s_by[a].float() for a, _ in self.pairs], [t_by[b].float() for _, b in self.pairs],
-                                mask, self.projections)
+            targets = [t_by[b].float() for _, b in self.pairs]
+            if self.bridge is not None:  # the teacher in the bridge's subspace: (h_T - mu_T) P_T^T
+                targets = self.bridge.teacher_transform(targets)
+            cos = layer_cosines([s_by[a].float() for a, _ in self.pairs], targets, mask, self.projections)
             self.cos_sum += cos.double().cpu() * n_tok
             self.cos_tokens += n_tok
         if self.cross is None:  # across tokenizers the two distributions have different supports: no KL
@@ -233,7 +262,7 @@ def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, pro
                      pairs: Sequence[tuple[int, int]], projections: Sequence[nn.Module] | None = None, *,
                      max_new_tokens: int = 64, temperature: float = 0.0, batch_size: int = 8,
                      seed: int = 0, reference: Sequence[Rollout] | None = None,
-                     cross: Any = None) -> dict[str, Any]:
+                     cross: Any = None, bridge: Any = None) -> dict[str, Any]:
     """Student-vs-teacher alignment and generation quality on the student's own responses (module docstring).
 
     prompts: token ids (as `data.tokenize_prompts` makes them); pairs: hidden_states indices (1..L, the last
@@ -245,14 +274,15 @@ def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, pro
     runs compare without the confound that a looping student's own text is easy for the teacher to predict.
 
     cross: an `align.CrossTokenizer` when the teacher's tokenizer differs (module docstring); not with reference.
+    bridge: a `bridge.Bridge` for `pairs` (instead of projections): cosines in its subspace.
     """
     if not prompts:
         raise MinioprdError("alignment_report needs at least one prompt")
     if cross is not None and reference is not None:
         raise MinioprdError("reference rollouts are in one tokenizer's ids: not usable with a cross-tokenizer teacher")
     pairs = [(int(a), int(b)) for a, b in pairs]
-    meter = _Meter(student, teacher, pairs, projections, cross)
-    ref_meter = _Meter(student, teacher, pairs, projections) if reference is not None else None
+    meter = _Meter(student, teacher, pairs, projections, cross, bridge)
+    ref_meter = _Meter(student, teacher, pairs, projections, bridge=bridge) if reference is not None else None
     eos = set(eos_ids(student, tokenizer))
 
     was_training = student.training
@@ -288,5 +318,6 @@ def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, pro
         "repetition": repetition_rate(responses),
         "samples": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
         "settings": {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size,
-                     "seed": seed, "vocab_size": meter.vocab, "convention": "predict"},
+                     "seed": seed, "vocab_size": meter.vocab, "convention": "predict",
+                     "bridge_rank": None if bridge is None else bridge.rank},
     }

@@ -232,7 +232,7 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
                 a = alignment_report(s.student, s.teacher, s.tokenizer, prompts, s.pairs,
                                      None if s.bridge is not None else list(s.projections) or None,
                                      max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                     seed=cfg.train.seed, cross=s.cross)
+                                     seed=cfg.train.seed, cross=s.cross, bridge=s.bridge)
             out.update({k: a[k] for k in ("kl", "cos_mean", "cos_last", "aligned_frac", "distinct_4", "repetition")
                         if a.get(k) is not None})
         return out

@@ -600,7 +600,7 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
     may be left out; if given it must be the run's own base.
     """
     from minioprd.align import CrossTokenizer, encode_prompts, prompt_table, same_tokenizer
-    from minioprd.alignment import alignment_report, load_run_student
+    from minioprd.alignment import alignment_report, load_run_bridge, load_run_student
     from minioprd.capture import num_layers
     from minioprd.layers import layer_map
     from minioprd.models import ResolvedModel, check_tokenizers, load_teacher, load_tokenizer, resolve_model
@@ -636,8 +636,10 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
     suffix = prompt_suffix if prompt_suffix is not None else (p.suffix if p else MATH_SUFFIX)
     dev, torch_dtype = _device_dtype(device, dtype)
 
+    bridge = None
     if adapter_dir is not None:
         student_model, projections, pairs = load_run_student(adapter_dir, dev, torch_dtype)
+        bridge = load_run_bridge(adapter_dir, teacher, dev)  # a bridge run: cosines in its subspace
         base = resolve_model(_adapter_base(adapter_dir)[0], "student")
         tok_res = ResolvedModel(str(adapter_dir), str(adapter_dir), "") \
             if (adapter_dir / "tokenizer_config.json").is_file() else base
@@ -671,7 +673,7 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
             "differ)")
     report = alignment_report(student_model, teacher_model, tokenizer, prompts, pairs, projections,
                               max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                              batch_size=batch_size, seed=seed, cross=cross)
+                              batch_size=batch_size, seed=seed, cross=cross, bridge=bridge)
     result = {"student": student_label, "teacher": teacher, "teacher_quant": teacher_quant,
               "dataset": {"source": dataset, "split": split, "preset": preset, "prompts": len(prompts),
                           "skipped_prompts": skipped}, "report": report}
@@ -702,7 +704,9 @@ def print_alignment(result: dict[str, Any], console: Any) -> None:
                       f"({100 * r['exact_frac']:.1f}% exactly); no KL across vocabularies", markup=False,
                       highlight=False)
     if r["layer_cos"] is not None:
-        layers = Table(title="cosine per layer pair (student layer -> teacher layer)")
+        rank = r.get("settings", {}).get("bridge_rank")
+        layers = Table(title="cosine per layer pair (student layer -> teacher layer)"
+                             + (f", in the run's bridge subspace (r={rank})" if rank else ""))
         layers.add_column("student")
         layers.add_column("teacher")
         layers.add_column("cosine", justify="right")

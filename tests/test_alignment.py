@@ -102,6 +102,29 @@ def test_cross_tokenizer_path_pairs_the_same_states(tiny_dirs, tiny_tokenizer):
         alignment_report(student, teacher, tiny_tokenizer, prompts, pairs, cross=cross, reference=[])
 
 
+def test_bridge_cosines_are_taken_in_its_subspace(tiny_dirs, tiny_tokenizer):
+    from minioprd.bridge import Bridge
+
+    teacher = _load(tiny_dirs["teacher"])
+    pairs, d, r = [(2, 2), (4, 4)], teacher.config.hidden_size, 8
+    torch.manual_seed(0)
+    P = [torch.linalg.qr(torch.randn(d, r))[0].T for _ in pairs]  # (r, d) orthonormal rows
+    zero = [torch.zeros(d) for _ in pairs]
+    # the teacher against itself with P_S = P_T and no centring: identical r-dim vectors
+    same = Bridge(pairs, P, P, zero, {})
+    rep = alignment_report(teacher, teacher, tiny_tokenizer, _prompts(tiny_tokenizer, 2), pairs, max_new_tokens=8,
+                           bridge=same)
+    assert rep["layer_cos"] == pytest.approx([1.0, 1.0], abs=1e-5) and rep["settings"]["bridge_rank"] == r
+    # the teacher side is centred (h_T - mu_T) before P_T: a shift moves the cosines off 1
+    shifted = Bridge(pairs, P, P, [torch.full((d,), 3.0) for _ in pairs], {})
+    rep = alignment_report(teacher, teacher, tiny_tokenizer, _prompts(tiny_tokenizer, 2), pairs, max_new_tokens=8,
+                           bridge=shifted)
+    assert all(c < 0.99 for c in rep["layer_cos"])
+    with pytest.raises(Exception, match="not both"):
+        alignment_report(teacher, teacher, tiny_tokenizer, _prompts(tiny_tokenizer, 1), pairs,
+                         [torch.nn.Identity(), torch.nn.Identity()], bridge=same)
+
+
 def test_four_bit_teacher(tiny_dirs, tiny_tokenizer):
     from minioprd.models import ResolvedModel, load_teacher
 

@@ -34,7 +34,7 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_in_a_bridge_subspace(tmp_path):
+def test_distill_in_a_bridge_subspace(tmp_path, other_teacher):
     b = tmp_path / "bridge"
     r = runner.invoke(app, ["bridge", "--teacher", "builtin:tiny-teacher", "--student", "builtin:tiny-student",
                             "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "4", "--prompts", "16",
@@ -42,11 +42,29 @@ def test_distill_in_a_bridge_subspace(tmp_path):
     assert r.exit_code == 0, r.output
     out = tmp_path / "run"
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "4", f"loss.bridge={b}",
-                            "loss.kind=normalized_mse", "loss.coef=10", "model.teacher_quant=none"])
+                            "loss.kind=normalized_mse", "loss.coef=10", "model.teacher_quant=none",
+                            "train.eval_every=2", "eval.holdout=6", "eval.max_new_tokens=8"])
     assert r.exit_code == 0, r.output
     assert "bridge:" in r.stdout and "r=4" in r.stdout
     rows = _rows(out)
-    assert all(x["loss"] > 0 for x in rows) and len(rows[0]["layer_cos"]) == 2
+    steps = [x for x in rows if "loss" in x]  # (step 0's line holds only the eval before training)
+    assert len(steps) == 4 and all(x["loss"] > 0 for x in steps) and len(steps[0]["layer_cos"]) == 2
+    # widths 64 vs 128 and no projections: the in-loop eval compares in the bridge's subspace
+    assert [x for x in rows if "eval/cos_mean" in x and "eval/kl" in x]
+    r = runner.invoke(app, ["eval", "--teacher", "builtin:tiny-teacher", "--adapter", str(out), "-d",
+                            "builtin:arithmetic", "--max-problems", "3", "--max-new-tokens", "6", "--greedy",
+                            "--teacher-quant", "none", "--device", "cpu", "-o", str(tmp_path / "align")],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "align" / "alignment.json").read_text())["report"]
+    assert rep["settings"]["bridge_rank"] == 4 and len(rep["layer_cos"]) == 2 and "bridge subspace" in r.stdout
+    # against another teacher the run's bridge means nothing: one line, exit 2, nothing written
+    r = runner.invoke(app, ["eval", "--teacher", str(other_teacher), "--adapter", str(out), "-d", "builtin:arithmetic",
+                            "--max-problems", "3", "--teacher-quant", "none", "--device", "cpu", "-o",
+                            str(tmp_path / "align2")])
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "was fitted for teacher" in lines[0]
+    assert not (tmp_path / "align2" / "alignment.json").exists()
     meta = json.loads((out / "adapter" / "minioprd.json").read_text())
     assert meta["bridge"]["rank"] == 4 and meta["projections"] is False
     assert (out / "adapter" / "bridge" / "bridge.safetensors").is_file()
