@@ -656,7 +656,7 @@ def _stage0(teacher: str, student: str, dataset: str, states_dir: Path, *, dev: 
     log(f"prompts: {len(s_prompts)} of {len(ids)} from {dataset}" + (f" ({skipped} longer than "
                                                                       f"{max_prompt_tokens} tokens skipped)"
                                                                       if skipped else ""))
-    teacher_model = load_teacher(t_res, teacher_quant, dev)
+    teacher_model = load_teacher(t_res, teacher_quant, dev, dtype=dtype)  # on a GPU: fp16 on a T4, as distill
     same = same_tokenizer(s_tok, t_tok)
     cross = None
     if same:

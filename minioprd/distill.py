@@ -137,11 +137,8 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     log(f"prompts: {len(prompts)} from {cfg.data.dataset}" + (f" ({skipped} longer than "
         f"{cfg.data.max_prompt_tokens} tokens skipped)" if skipped else ""))
 
-    # On a GPU the teacher computes in the run's dtype (fp16 on a T4, which has no fast bf16); on a CPU NF4
-    # layers compute in bf16 and unquantized ones in fp32.
     teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device,
-                           dtype=pick_dtype(cfg.model.dtype, teacher_device) if teacher_device.type == "cuda" else None,
-                           trust_remote_code=trc)
+                           dtype=pick_dtype(cfg.model.dtype, teacher_device), trust_remote_code=trc)
     student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed,
                            trust_remote_code=trc)
     from minioprd.align import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts

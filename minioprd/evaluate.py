@@ -651,7 +651,7 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
         projections, pairs = None, None
         student_label = str(student)
     log(f"student: {student_label}; teacher: {t_res.note}")
-    teacher_model = load_teacher(t_res, teacher_quant, dev)
+    teacher_model = load_teacher(t_res, teacher_quant, dev, dtype=torch_dtype)  # on a GPU: fp16 on a T4, as distill
     teacher_tok = load_tokenizer(t_res, "teacher")
     if pairs is None:
         pairs = layer_map(layers, num_layers(student_model), num_layers(teacher_model))

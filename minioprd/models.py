@@ -136,9 +136,14 @@ def _from_pretrained(path: str, role: str, **kw: Any) -> Any:
 
 def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Any:
-    """The frozen teacher: eval mode, no gradients (callers also run it under torch.no_grad())."""
+    """The frozen teacher: eval mode, no gradients (callers also run it under torch.no_grad()).
+
+    dtype: the run's compute dtype, used on a GPU (fp16 on a T4, which has no fast bf16; bf16 when None). On a
+    CPU it is ignored: NF4 layers compute in bf16 and unquantized weights stay fp32.
+    """
     device = torch.device(device)
-    # bf16 compute for 4-bit is the issue's default everywhere; unquantized weights are bf16 on GPU, fp32 on CPU.
+    if device.type != "cuda":
+        dtype = None
     compute = dtype or (torch.bfloat16 if device.type == "cuda" or quant == "4bit" else torch.float32)
     kw: dict[str, Any] = {"device_map": {"": str(device)}, "trust_remote_code": trust_remote_code}
     qc = quantization_config(quant, compute)

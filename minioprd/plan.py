@@ -610,9 +610,6 @@ def _fill(p: Plan, cfg: Config) -> None:
 
 def _notes(p: Plan, cfg: Config, teacher_weights: float, tc: int) -> None:
     lim = p.limit()
-    if p.device == "cuda" and cfg.model.teacher_quant != "none" and p.dtype == "fp16":
-        p.notes.append("models.load_teacher computes the 4-bit teacher in bf16 even on fp16-only cards (T4/P100); "
-                       "it runs (emulated) but slowly")
     if lim is not None and p.on_gpu(tc) and teacher_weights + CUDA_CONTEXT > lim:
         p.notes.append(f"the teacher's weights alone ({teacher_weights / GIB:.1f} GiB) exceed the card: use "
                        f"model.teacher_quant=4bit, a second card (model.teacher_device=cuda:1), a smaller teacher, "

@@ -48,6 +48,11 @@ def test_teacher_4bit_is_frozen_linear4bit(tiny_dirs):
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in t8.modules())
     tn = load_teacher(resolve_model(str(tiny_dirs["teacher"])), "none", "cpu")
     assert next(tn.parameters()).dtype == torch.float32  # fp32 on CPU
+    # a run's GPU dtype (fp16 for a T4) does not apply on a CPU: every caller passes it, the CPU keeps fp32/bf16
+    tn16 = load_teacher(resolve_model(str(tiny_dirs["teacher"])), "none", "cpu", dtype=torch.float16)
+    assert next(tn16.parameters()).dtype == torch.float32
+    t4 = load_teacher(resolve_model(str(tiny_dirs["teacher"])), "4bit", "cpu", dtype=torch.float16)
+    assert [m for m in t4.modules() if isinstance(m, bnb.nn.Linear4bit)][0].compute_dtype == torch.bfloat16
 
 
 def test_student_lora_trains_only_adapters(tiny_dirs):
