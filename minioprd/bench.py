@@ -65,7 +65,7 @@ def _sdpa_cpu_flop(q: Any, k: Any, v: Any, *_: Any, backward: bool = False) -> i
     return 2 * flops if backward else flops
 
 
-def FlopCount() -> Any:
+def flop_counter() -> Any:
     """A dispatch mode that adds up matmul and attention FLOPs of everything run under it (autograd included).
 
     torch's FlopCounterMode also tracks modules, whose hooks fail on the OPD losses' chunk recomputation, and
@@ -165,7 +165,7 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
 
     # The warm-up step (it allocates optimizer state, so it is not timed) counts the matmul/attention FLOPs of
     # forward, recompute and backward: the work each objective asks for, whatever the machine.
-    counter = FlopCount()
+    counter = flop_counter()
     with counter:
         update()
     times, peaks = [], []

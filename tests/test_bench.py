@@ -30,14 +30,14 @@ def test_flop_count_matches_hand_counts():
     import torch
     import torch.nn.functional as F
 
-    from minioprd.bench import FlopCount, measure_one
+    from minioprd.bench import flop_counter, measure_one
 
     a, b = torch.randn(8, 5, requires_grad=True), torch.randn(5, 3)
-    with (c := FlopCount()):
+    with (c := flop_counter()):
         (a @ b).sum().backward()
     assert c.total == 2 * 8 * 5 * 3 * 2  # forward, then grad of a (b needs none)
     q, k, v = (torch.randn(1, 2, 6, 4, requires_grad=True) for _ in range(3))
-    with (c := FlopCount()):
+    with (c := flop_counter()):
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     assert c.total == 3 * (2 * 1 * 2 * 6 * 6 * (4 + 4))  # QK^T and PV; backward twice that
     # gradient checkpointing recomputes each block's forward in backward: counted, so more work
