@@ -180,6 +180,9 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", min=0.0)
+    fp16_loss_scale: bool = _f(True, "When the student computes in fp16 (a T4): scale the loss up (from 2^16, "
+                                     "halved on overflow, doubled after 100 clean steps) for backward, so small "
+                                     "gradients do not flush to zero in fp16 activations.")
     seed: int = _f(0, "Seed for data order, sampling and initialisation.")
     log_every: int = _f(1, "Write a metrics line every N steps.", min=1)
     save_every: int = _f(0, "Save a resumable checkpoint every N steps (0 = none; the final adapter is always "

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -279,11 +280,18 @@ def _head(model: Any, device: torch.device) -> Any:
     return lambda h: head(h.to(w.device, w.dtype)).to(device)
 
 
-def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
+# fp16 loss scaling (train.fp16_loss_scale): OPRD's per-element gradients are ~1/(tokens x width x layers) of
+# the loss, below fp16's smallest subnormal (6e-8) at real shapes, so unscaled they flush to zero in backward.
+LOSS_SCALE_INIT = 2.0**16
+LOSS_SCALE_GROWTH_STEPS = 100
+
+
+def update_step(s: Setup, ro: Rollout, loss_scale: float = 1.0) -> dict[str, Any]:
     """Teacher targets, student forward, loss and backward over micro-batches; returns loss figures.
 
     objective=oprd: coef * L_OPRD. An OPD objective: L_OPD + mu * L_OPRD (paper Eq. 7); both terms come from
-    one teacher forward and one student forward over the union of the columns they need.
+    one teacher forward and one student forward over the union of the columns they need. Gradients are of
+    `loss_scale` times the loss (fp16 loss scaling; the caller divides them back); the figures are unscaled.
     """
     from minioprd.losses import OPD_LOSSES, layer_cosines, representation_loss
 
@@ -351,7 +359,7 @@ def update_step(s: Setup, ro: Rollout) -> dict[str, Any]:
         # Weight micro-batches so the accumulated gradient equals the full-batch loss's.
         share = (part.input_ids.shape[0] / B) if (lc.reduction == "sequence" and not need_opd) \
             else int(sel.sum()) / total_sel
-        (loss * share).backward()
+        (loss * (share * loss_scale)).backward()
         sums["loss"] += float(loss.detach()) * share
         if need_rep:
             sums["loss_rep"] += float(rep.detach()) * share
@@ -574,7 +582,9 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     sampler = PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    counters = {"nonfinite_in_row": 0, "nonfinite_total": 0, "elapsed_before": 0.0}
+    counters = {"nonfinite_in_row": 0, "nonfinite_total": 0, "elapsed_before": 0.0,
+                "loss_scale": LOSS_SCALE_INIT if s.dtype == torch.float16 and cfg.train.fp16_loss_scale else 1.0,
+                "loss_scale_clean": 0, "overflow_steps": 0}
     first_step = 1
     if ckpt is not None:
         state = load_checkpoint(ckpt, s.student, s.projections, optimizer, scheduler)
@@ -694,7 +704,8 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         "steps": cfg.train.steps, "seconds": total, "seconds_per_step": total / cfg.train.steps,
         "first": {k: rows[0].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
         "last": {k: rows[-1].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
-        "nonfinite_steps": counters["nonfinite_total"], "skipped_prompts": s.skipped_prompts,
+        "nonfinite_steps": counters["nonfinite_total"], "fp16_overflow_steps": counters.get("overflow_steps", 0),
+        "skipped_prompts": s.skipped_prompts,
         "adapter": str(final_dir(s)), "resumed_from": str(ckpt) if ckpt else None,
     }
     atomic_write_json(out / "summary.json", summary)
@@ -724,18 +735,34 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         if merge:
             s.student.unmerge_adapter()
     t1 = _clock(s.device)
-    figures = update_step(s, ro)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params + list(s.projections.parameters()),
+    scale = float(counters.get("loss_scale", 1.0))
+    figures = update_step(s, ro, scale)
+    trained = params + list(s.projections.parameters())
+    if scale != 1.0:
+        for p in trained:
+            if p.grad is not None:
+                p.grad.div_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained,
                                                cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
-    if math.isfinite(figures["loss"]) and bool(torch.isfinite(grad_norm)):
+    finite_loss, finite_grad = math.isfinite(figures["loss"]), bool(torch.isfinite(grad_norm))
+    if finite_loss and finite_grad:
         optimizer.step()
         counters["nonfinite_in_row"] = 0
+        if scale != 1.0:  # fp16 loss scaling: grow again after a run of clean steps
+            counters["loss_scale_clean"] = counters.get("loss_scale_clean", 0) + 1
+            if counters["loss_scale_clean"] >= LOSS_SCALE_GROWTH_STEPS:
+                counters["loss_scale"], counters["loss_scale_clean"] = scale * 2, 0
+    elif finite_loss and scale > 1.0:  # the scaled gradient overflowed fp16: skip, retry at half the scale
+        counters["loss_scale"], counters["loss_scale_clean"] = scale / 2, 0
+        counters["overflow_steps"] = counters.get("overflow_steps", 0) + 1
     else:  # skip the update: one bad sample must not poison the adapter
         counters["nonfinite_in_row"] += 1
         counters["nonfinite_total"] += 1
     optimizer.zero_grad(set_to_none=True)
     lr_now = scheduler.get_last_lr()[0]
-    scheduler.step()
+    with warnings.catch_warnings():  # the schedule follows steps, skipped ones too (torch warns if step 1 was)
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
     t2 = _clock(s.device)
     gen_tokens = int(ro.response_mask.sum())
     distinct = distinct_ratio(ro)
@@ -752,6 +779,7 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         "distinct": distinct, "repetition": looping,
         "collapse_warning": distinct < cfg.train.collapse_threshold or looping > cfg.train.collapse_repetition,
         "lr": lr_now, "grad_norm": float(grad_norm), "nonfinite_steps": counters["nonfinite_total"],
+        **({"loss_scale": scale} if scale != 1.0 else {}),
         "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0,
         "teacher_s": figures["teacher_s"], "update_s": t2 - t1 - figures["teacher_s"], "step_s": t2 - t0,
     }

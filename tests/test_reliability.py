@@ -153,9 +153,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     orig, bad = d.update_step, {"steps": {2}}
     calls = {"n": 0}
 
-    def patched(s, ro):
+    def patched(s, ro, *scale):
         calls["n"] += 1
-        fig = orig(s, ro)
+        fig = orig(s, ro, *scale)
         if calls["n"] in bad["steps"]:
             fig["loss"] = float("nan")
         return fig
