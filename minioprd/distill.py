@@ -8,7 +8,8 @@ Each optimizer step:
   3. loss      - the student re-reads the tokens with gradients; per mapped layer the student state
                  (through a width projection when the widths differ) is compared with the teacher's on
                  the response positions (paper Eq. 6 and variants, `losses.py`), mean over layers;
-  4. step      - backward (accumulated over micro-batches), clip, AdamW, warm-up + cosine schedule;
+  4. step      - backward (accumulated over micro-batches; on a scaled loss when the student computes in
+                 fp16), clip, AdamW, warm-up + cosine schedule;
   5. log       - one `metrics.jsonl` line, the progress bar, checkpoints.
 The result is a PEFT adapter in `output_dir/adapter/` (plus `projections.safetensors` when widths differ).
 
