@@ -112,11 +112,12 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
 
     from minioprd.capture import capture_hidden
     from minioprd.losses import OPD_LOSSES, representation_loss
+    from minioprd.models import pick_dtype
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = pick_dtype("auto", dev)  # as distill: fp32 on a CPU, fp16 on a T4, bf16 on newer GPUs
     cfg = build_config(arch)
     with torch.device(dev):
         base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -254,13 +255,14 @@ def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: in
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from minioprd.models import pick_dtype
     from minioprd.rollout import rollout
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = build_config(arch)
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = pick_dtype("auto", dev)  # as distill: fp32 on a CPU, fp16 on a T4, bf16 on newer GPUs
     with torch.device(dev):
         base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
