@@ -68,6 +68,14 @@ REPETITION_MIN_COUNT = 3
 # --------------------------------------------------------------------------------------------- loading
 
 
+def _run_adapter(path: str | Path) -> Path:
+    """An adapter directory as given, or a run directory's final adapter (`<run>/adapter`)."""
+    path = Path(path)
+    if not (path / "minioprd.json").is_file() and (path / "adapter" / "minioprd.json").is_file():
+        return path / "adapter"
+    return path
+
+
 def load_run_student(adapter_dir: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[Any, list[nn.Linear] | None, list[tuple[int, int]]]:
     """The trained student of a run (`<run>/adapter`, a checkpoint, or the run directory itself), in eval mode.
@@ -82,9 +90,7 @@ def load_run_student(adapter_dir: str | Path, device: str | torch.device = "cpu"
 
     from minioprd.models import _from_pretrained, quantization_config, resolve_model
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "minioprd.json").is_file() and (adapter_dir / "adapter" / "minioprd.json").is_file():
-        adapter_dir = adapter_dir / "adapter"  # a run directory: its final adapter
+    adapter_dir = _run_adapter(adapter_dir)
     meta_path = adapter_dir / "minioprd.json"
     if not meta_path.is_file():
         raise MinioprdError(f"{str(adapter_dir)!r} is not a minioprd adapter directory (no minioprd.json): pass a "
@@ -125,9 +131,7 @@ def load_run_bridge(adapter_dir: str | Path, teacher: str, device: str | torch.d
     """
     from minioprd.bridge import load_bridge
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "minioprd.json").is_file() and (adapter_dir / "adapter" / "minioprd.json").is_file():
-        adapter_dir = adapter_dir / "adapter"
+    adapter_dir = _run_adapter(adapter_dir)
     meta = json.loads((adapter_dir / "minioprd.json").read_text())
     if not meta.get("bridge"):
         return None

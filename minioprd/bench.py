@@ -158,8 +158,8 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
                                              lambda x: s_head(x.to(dtype)), lambda x: t_head(x.to(dtype)),
                                              vocab_size=V, k=topk, chunk_size=chunk)
             # each part's share of the batch mean, as distill weights micro-batches: sequences for OPRD's
-            # per-sequence mean, tokens for OPD's token mean
-            share = (mb if objective == "oprd" else mask[rows].sum()) / (batch if objective == "oprd" else mask.sum())
+            # per-sequence mean (the last part may be short), tokens for OPD's token mean
+            share = ids[rows].shape[0] / batch if objective == "oprd" else mask[rows].sum() / mask.sum()
             (loss * share).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -705,7 +705,7 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         "steps": cfg.train.steps, "seconds": total, "seconds_per_step": total / cfg.train.steps,
         "first": {k: rows[0].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
         "last": {k: rows[-1].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
-        "nonfinite_steps": counters["nonfinite_total"], "fp16_overflow_steps": counters.get("overflow_steps", 0),
+        "nonfinite_steps": counters["nonfinite_total"], "fp16_overflow_steps": counters["overflow_steps"],
         "skipped_prompts": s.skipped_prompts,
         "adapter": str(final_dir(s)), "resumed_from": str(ckpt) if ckpt else None,
     }
@@ -736,7 +736,7 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         if merge:
             s.student.unmerge_adapter()
     t1 = _clock(s.device)
-    scale = float(counters.get("loss_scale", 1.0))
+    scale = float(counters["loss_scale"])
     figures = update_step(s, ro, scale)
     trained = params + list(s.projections.parameters())
     if scale != 1.0:
@@ -750,12 +750,12 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
         optimizer.step()
         counters["nonfinite_in_row"] = 0
         if scale != 1.0:  # fp16 loss scaling: grow again after a run of clean steps
-            counters["loss_scale_clean"] = counters.get("loss_scale_clean", 0) + 1
+            counters["loss_scale_clean"] += 1
             if counters["loss_scale_clean"] >= LOSS_SCALE_GROWTH_STEPS:
                 counters["loss_scale"], counters["loss_scale_clean"] = scale * 2, 0
     elif finite_loss and scale > 1.0:  # the scaled gradient overflowed fp16: skip, retry at half the scale
         counters["loss_scale"], counters["loss_scale_clean"] = scale / 2, 0
-        counters["overflow_steps"] = counters.get("overflow_steps", 0) + 1
+        counters["overflow_steps"] += 1
     else:  # skip the update: one bad sample must not poison the adapter
         counters["nonfinite_in_row"] += 1
         counters["nonfinite_total"] += 1
