@@ -110,7 +110,7 @@ class LossConfig:
                         "output-space OPD baseline: opd_sampled (sampled-token REINFORCE), opd_topk (student's "
                         "top-k), opd_full (exact reverse KL, chunked). With an OPD objective and mu > 0 the loss is "
                         "L_OPD + mu * L_OPRD (paper Eq. 7), one teacher forward.",
-                        choices=("oprd", "opd_sampled", "opd_topk", "opd_full"))
+                        choices=("auto", "oprd", "opd_sampled", "opd_topk", "opd_full"))
     mu: float = _f(0.0, "Weight of the representation loss added to an OPD objective (Eq. 7; the paper tries "
                    "1 and 10). Ignored for objective=oprd (use coef).", min=0.0)
     topk: int = _f(16, "k of opd_topk (the authors' default 16).", min=1)
@@ -193,6 +193,11 @@ class TrainConfig:
                          "0 = off.", min=0)
     report_to: Any = _f([], "Also send metrics to these trackers when installed: [tensorboard], [wandb] "
                         "(metrics.jsonl is always written).")
+    fit: str = _f("auto", "Memory settings for the card (CUDA only; nothing on a CPU): auto = before any weights load, "
+                  "the planner picks the settings you did not set yourself (lora.gradient_checkpointing, "
+                  "rollout.micro_batch, loss.opd_chunk) for the detected card's free memory, fastest first, and "
+                  "stops with a proposal when even the leanest do not fit; off = the plain defaults.",
+                  choices=("auto", "off"))
     collapse_threshold: float = _f(0.25, "Warn when the rollouts' distinct-token ratio falls below this "
                                    "(the student is collapsing into repetition).", min=0.0, max=1.0)
     collapse_repetition: float = _f(0.5, "Warn when more than this fraction of the student's answers loop (a "
@@ -209,6 +214,12 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # Not fields (to_dict, to_yaml and validate see only the sections): the dotted keys a recipe, flag or
+        # override set explicitly, which train.fit never changes, and the line train.fit logged once it ran.
+        self.explicit: set[str] = set()
+        self.fit_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -286,6 +297,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], problems: list[str],
             problems.append(problem + where)
         else:
             setattr(sub, name, coerced)
+            cfg.explicit.add(key)
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +309,13 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[str(section)] = body  # reported as unknown/misplaced by apply_overrides
     return flat
+
+
+def is_explicit(cfg: Config, key: str) -> bool:
+    """Whether the user chose `key` (a recipe, flag or override set it, or code changed it from its default)."""
+    section, _, name = key.partition(".")
+    default = getattr(type(getattr(cfg, section))(), name)
+    return key in getattr(cfg, "explicit", ()) or getattr(getattr(cfg, section), name) != default
 
 
 def validate(cfg: Config) -> list[str]:

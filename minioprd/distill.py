@@ -39,6 +39,7 @@ from minioprd.capture import capture_hidden, num_layers
 from minioprd.config import Config, to_yaml
 from minioprd.errors import MinioprdError
 from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from minioprd.fit import fit_to_card
 from minioprd.layers import layer_map, position_mask, state_window
 from minioprd.rollout import Rollout, rollout
 
@@ -106,6 +107,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
                                  pick_dtype, resolve_model, trainable_parameters)
 
     torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
+    fit_to_card(cfg, log)  # train.fit=auto: memory settings for this card, before any weights (no-op if done)
     device = pick_device(cfg.model.device)
     teacher_device = device if cfg.model.teacher_device == "same" else pick_device(cfg.model.teacher_device)
     dtype = pick_dtype(cfg.model.dtype, device)
@@ -140,7 +142,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
         f"{cfg.data.max_prompt_tokens} tokens skipped)" if skipped else ""))
 
     teacher = load_teacher(t_res, cfg.model.teacher_quant, teacher_device,
-                           dtype=pick_dtype(cfg.model.dtype, teacher_device), trust_remote_code=trc)
+                           dtype=pick_dtype(cfg.model.dtype, teacher_device), trust_remote_code=trc, log=log)
     student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed,
                            trust_remote_code=trc)
     from minioprd.align import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
@@ -500,6 +502,12 @@ def _run_state(out: Path, cfg: Config, force: bool, resume: bool, log: Any) -> t
     """
     from minioprd.checkpoint import latest_valid
 
+    for place in (out, *out.parents):  # the nearest existing path must be a directory we can write into
+        if place.exists():
+            if not place.is_dir():
+                raise MinioprdError(f"--output-dir {str(out)!r}: {str(place)!r} is a file, not a directory: "
+                                    f"pass a directory path (train.output_dir)")
+            break
     held = (out / "metrics.jsonl").exists() or (out / "adapter").exists() or (out / "model").exists() \
         or (out / "checkpoints").exists()
     if not held:
@@ -568,6 +576,8 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     log = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None \
         else (lambda m: None)
     out = Path(cfg.train.output_dir)
+    if setup is None:
+        fit_to_card(cfg, log)  # before comparing with the run dir's config.yaml, which holds the fitted values
     ckpt, finished = _run_state(out, cfg, force, resume, log)
     if finished:
         log(f"the run in {out} is already complete (summary.json); use --force to run it again")

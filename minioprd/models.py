@@ -109,13 +109,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def quantization_config(quant: str, compute_dtype: torch.dtype) -> Any:
+def quantization_config(quant: str, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> Any:
     from transformers import BitsAndBytesConfig
 
     if quant == "4bit":
         # NF4 + double quantization: ~0.5 byte/param, so a 7B teacher fits a T4 beside the student.
+        # skip_modules (None: transformers' default, the LM head) stay in the compute dtype.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -134,8 +135,35 @@ def _from_pretrained(path: str, role: str, **kw: Any) -> Any:
         raise MinioprdError(f"could not load the {role} from {path!r}: {first}") from None
 
 
+# bitsandbytes' CPU 4-bit kernel repacks each weight on its first no-grad forward into blocks of 32 output rows
+# and 64 input columns (bitsandbytes 0.50: functional._convert_weight_packed_for_cpu); any other shape fails
+# there with a reshape error, so such linears are not quantized on a CPU.
+CPU_NF4_BLOCK_IN, CPU_NF4_BLOCK_OUT = 64, 32
+
+
+def cpu_nf4_unpackable(path: str, trust_remote_code: bool = False) -> tuple[list[str], int]:
+    """(names of the linear layers bitsandbytes cannot run in 4 bit on a CPU, number of linear layers), read
+    from the model's config on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # loading the weights reports this better
+        return [], 0
+    head = skeleton.get_output_embeddings()
+    linears = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    bad = [n for n, m in linears if m is not head
+           and (m.in_features % CPU_NF4_BLOCK_IN or m.out_features % CPU_NF4_BLOCK_OUT)]
+    if bad:  # naming modules replaces transformers' default skip list: keep the LM head unquantized too
+        bad += [n for n, m in linears if m is head]
+    return bad, len(linears) - (head is not None)
+
+
 def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Any:
+                 dtype: torch.dtype | None = None, trust_remote_code: bool = False, log: Any = None) -> Any:
     """The frozen teacher: eval mode, no gradients (callers also run it under torch.no_grad()).
 
     dtype: the run's compute dtype, used on a GPU (fp16 on a T4, which has no fast bf16; bf16 when None). On a
@@ -146,12 +174,20 @@ def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.dev
         dtype = None
     compute = dtype or (torch.bfloat16 if device.type == "cuda" or quant == "4bit" else torch.float32)
     kw: dict[str, Any] = {"device_map": {"": str(device)}, "trust_remote_code": trust_remote_code}
-    qc = quantization_config(quant, compute)
+    skips, total = cpu_nf4_unpackable(resolved.path, trust_remote_code) if quant == "4bit" and \
+        device.type == "cpu" else ([], 0)
+    qc = quantization_config(quant, compute, skips or None)
     if qc is not None:
         kw["quantization_config"] = qc
     else:
         kw["dtype"] = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = _from_pretrained(resolved.path, "teacher", **kw)
+    if skips:
+        kept = model.get_submodule(skips[0]).weight.dtype
+        n = len(skips) - (model.get_output_embeddings() is not None)
+        (log or print)(f"note: {n} of the teacher's {total} linear layers have shapes bitsandbytes' CPU 4-bit kernel "
+                       f"cannot pack (inputs a multiple of {CPU_NF4_BLOCK_IN}, outputs of {CPU_NF4_BLOCK_OUT}): "
+                       f"they stay in {str(kept).removeprefix('torch.')}, the rest is NF4")
     model.eval()
     model.requires_grad_(False)
     return model

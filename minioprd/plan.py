@@ -297,6 +297,9 @@ class Plan:
     proposals: list[Proposal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     teacher_on_cpu: bool = False  # model.teacher_device=cpu with a GPU student: "card" 1 is CPU RAM
+    objective: str = ""  # the objective the estimate is for (loss.objective=auto: what it is expected to pick)
+    objective_reason: str = ""  # why, for loss.objective=auto; empty when the objective was given
+    fit: Any = None  # fit.Fit: what train.fit=auto chose for this card, None when it did not run
 
     def on_gpu(self, card: int) -> bool:
         return self.device == "cuda" and not (card == 1 and self.teacher_on_cpu)
@@ -352,7 +355,8 @@ class Plan:
             "verdict": self.verdict(),
             "proposals": [{"why": p.why, "peak_gib": round(p.peak_gib, 2), "overrides": p.overrides}
                           for p in self.proposals],
-            "notes": self.notes,
+            "notes": self.notes, "objective": self.objective, "objective_reason": self.objective_reason,
+            "fit": self.fit.to_dict() if self.fit is not None else None,
         }
 
 
@@ -396,17 +400,17 @@ def _student_layer_bytes(s: ModelShape, act: int, lora: dict[str, tuple[int, int
     return total
 
 
-def _resolve(cfg: Config, gpu: str | None, vram_gb: float | None) -> tuple[str, GPU | None, str, int, bool]:
-    """(device kind, card, student compute dtype, number of devices, teacher in CPU RAM)."""
-    card: GPU | None = None
-    if gpu is not None:
+def _resolve(cfg: Config, gpu: str | None, vram_gb: float | None,
+             card: GPU | None = None) -> tuple[str, GPU | None, str, int, bool]:
+    """(device kind, card, student compute dtype, number of devices, teacher in CPU RAM); `card`: a detected one."""
+    if card is None and gpu is not None:
         key = gpu.lower().replace("rtx", "").replace("_", "-").strip("- ")
         if key not in GPUS:
             raise MinioprdError(f"unknown --gpu {gpu!r}: known are {', '.join(GPUS)} (or give --vram-gb)")
         card = GPUS[key]
         if vram_gb is not None:
             card = GPU(f"{card.name}, {vram_gb:g} GiB", int(vram_gb * 1024), card.bf16)
-    elif vram_gb is not None:
+    elif card is None and vram_gb is not None:
         if vram_gb <= 0:
             raise MinioprdError(f"--vram-gb must be > 0, got {vram_gb}")
         card = GPU(f"a {vram_gb:g} GiB card", int(vram_gb * 1024), True)
@@ -422,28 +426,91 @@ def _resolve(cfg: Config, gpu: str | None, vram_gb: float | None) -> tuple[str, 
 
 
 def plan(cfg: Config, gpu: str | None = None, vram_gb: float | None = None, prompt_tokens: int | None = None,
-         propose: bool = True, teacher: ModelShape | None = None, student: ModelShape | None = None) -> Plan:
+         propose: bool = True, teacher: ModelShape | None = None, student: ModelShape | None = None,
+         fit: bool = True) -> Plan:
     """Estimate the peak memory of `distill(cfg)`; see the module docstring for the terms.
 
     gpu: a key of GPUS (t4, l4, a10, 3060, 3090, 4090, a100-40, a100-80, ...); vram_gb: a card size in GiB
     (overrides the size of `gpu`). Neither: a CUDA estimate with no verdict, or a CPU (RAM) estimate when
     model.device is cpu. prompt_tokens: the longest prompt in a batch (default data.max_prompt_tokens).
     """
-    from minioprd.layers import layer_map
-
     t = teacher or model_shape(cfg.model.teacher)
     s = student or model_shape(cfg.model.student)
-    device, card, dtype, cards, teacher_on_cpu = _resolve(cfg, gpu, vram_gb)
+    where = _resolve(cfg, gpu, vram_gb)
+    cfg, objective, reason = objective_for_plan(cfg, t, s, where, prompt_tokens)
+    chosen = None
+    if fit and cfg.train.fit == "auto" and where[0] == "cuda" and where[1] is not None:
+        from minioprd.fit import fit_settings  # the settings distill's train.fit=auto picks for this card
+
+        chosen = fit_settings(cfg, t, s, where, prompt_tokens)
+        cfg = chosen.cfg
+    p = _plan_for(cfg, t, s, where, prompt_tokens)
+    p.objective, p.objective_reason, p.fit = objective, reason, chosen
+    if propose and p.gpu is not None:
+        p.proposals = _proposals(cfg, p, prompt_tokens)
+    return p
+
+
+Where = tuple  # _resolve's (device kind, card, student compute dtype, number of devices, teacher in CPU RAM)
+
+
+def _plan_for(cfg: Config, t: ModelShape, s: ModelShape, where: Where, prompt_tokens: int | None) -> Plan:
+    """The estimate for a config whose objective is concrete (not auto), no proposals."""
+    from minioprd.layers import layer_map
+
+    device, card, dtype, cards, teacher_on_cpu = where
     pairs = layer_map(cfg.loss.layers, s.layers, t.layers, cfg.loss.teacher_layers)
     P = prompt_tokens or cfg.data.max_prompt_tokens
     R = cfg.rollout.max_new_tokens
     B = cfg.rollout.prompts_per_step * cfg.rollout.n
     mb = min(cfg.rollout.micro_batch or B, B)
-    p = Plan(t, s, device, card, cards, dtype, B, mb, P, R, pairs, teacher_on_cpu=teacher_on_cpu)
+    p = Plan(t, s, device, card, cards, dtype, B, mb, P, R, pairs, teacher_on_cpu=teacher_on_cpu,
+             objective=cfg.loss.objective)
     _fill(p, cfg)
-    if propose and p.gpu is not None:
-        p.proposals = _proposals(cfg, p, prompt_tokens)
     return p
+
+
+def likely_same_tokenizer(t: ModelShape, s: ModelShape) -> bool:
+    """From configs alone: vocabularies within 1% of each other (Qwen2.5-7B pads 152064 rows, 0.5B 151936)
+    are taken as one tokenizer; `distill` compares the tokenizers themselves when it loads them."""
+    return abs(t.vocab - s.vocab) <= 0.01 * max(t.vocab, s.vocab)
+
+
+def objective_for_plan(cfg: Config, t: ModelShape, s: ModelShape, where: Where,
+                       prompt_tokens: int | None = None) -> tuple[Config, str, str]:
+    """(config with a concrete objective, that objective, why) for the estimate.
+
+    loss.objective=auto: what `objective.shape_hint` expects auto to pick from the shapes; the OPRD-Bridge
+    (another tokenizer) is planned as oprd (its r-dim maps are small next to width projections). The same
+    shape is decided only by the measurement at step 0, so the plan takes the costlier of oprd and the
+    output-space candidate. An explicit objective is planned as given.
+    """
+    if cfg.loss.objective != "auto":
+        return cfg, cfg.loss.objective, ""
+    from minioprd.objective import APART, shape_hint
+
+    same_tok = likely_same_tokenizer(t, s)
+    hint = shape_hint((s.layers, s.hidden), (t.layers, t.hidden), same_tok)
+    tok_note = "" if same_tok else f" (vocabularies of {t.vocab} and {s.vocab} ids)"
+
+    def with_objective(objective: str) -> Config:
+        c = copy.deepcopy(cfg)
+        c.loss.objective = objective
+        return c
+
+    if hint.objective == "bridge":
+        return with_objective("oprd"), "oprd", f"auto: OPRD-Bridge{tok_note}: {hint.reason} (planned as oprd)"
+    if hint.objective is not None:
+        return with_objective(hint.objective), hint.objective, f"auto: {hint.objective}: {hint.reason}"
+    peaks = {}
+    for objective in ("oprd", APART):
+        c = with_objective(objective)
+        q = _plan_for(c, t, s, where, prompt_tokens)
+        peaks[objective] = (max(q.peak(k) for k in range(q.cards)), c)
+    costlier = max(peaks, key=lambda o: peaks[o][0])
+    return peaks[costlier][1], costlier, (f"auto: oprd or {APART}, {hint.reason}; planned for the costlier, "
+                                          f"{costlier} ({peaks[costlier][0] / GIB:.1f} vs "
+                                          f"{min(v for v, _ in peaks.values()) / GIB:.1f} GiB)")
 
 
 def _fill(p: Plan, cfg: Config) -> None:
@@ -682,16 +749,12 @@ def _proposals(cfg: Config, base: Plan, prompt_tokens: int | None) -> list[Propo
 
 def _quick(cfg: Config, base: Plan, prompt_tokens: int | None) -> Plan:
     """Re-plan with the base plan's shapes and card (no file or hub look-ups)."""
-    from minioprd.layers import layer_map
+    return _plan_for(cfg, base.teacher, base.student, where_of(base), prompt_tokens)
 
-    B = cfg.rollout.prompts_per_step * cfg.rollout.n
-    mb = min(cfg.rollout.micro_batch or B, B)
-    p = Plan(base.teacher, base.student, base.device, base.gpu, base.cards, base.dtype, B, mb,
-             prompt_tokens or cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
-             layer_map(cfg.loss.layers, base.student.layers, base.teacher.layers, cfg.loss.teacher_layers),
-             teacher_on_cpu=base.teacher_on_cpu)
-    _fill(p, cfg)
-    return p
+
+def where_of(p: Plan) -> Where:
+    """A plan's device, card, dtype, cards and teacher placement, as `_resolve` returns them."""
+    return p.device, p.gpu, p.dtype, p.cards, p.teacher_on_cpu
 
 
 def render(p: Plan, console: Any) -> None:
@@ -719,6 +782,11 @@ def render(p: Plan, console: Any) -> None:
                       + (f" + {ALLOCATOR_SLACK:.0%} allocator slack" if p.on_gpu(c) else ""), highlight=False)
     console.print(f"shapes: B={p.batch} (prompts x n), micro-batch {p.micro_batch}, P={p.prompt_tokens} prompt + "
                   f"R={p.new_tokens} new tokens, {len(p.pairs)} mapped layers, {p.dtype}", highlight=False)
+    if p.objective_reason:
+        console.print(f"objective: {p.objective} ({p.objective_reason})", highlight=False, markup=False)
+    if p.fit is not None:
+        console.print(p.fit.summary() if p.fit.fits else f"train.fit=auto: {p.fit.summary()}: distill stops "
+                      f"before loading any weights", highlight=False, markup=False)
     style = "green" if p.fits else ("red" if p.fits is False else "yellow")
     console.print(f"[{style}]{p.verdict()}[/{style}]", highlight=False)
     for pr in p.proposals:

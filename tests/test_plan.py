@@ -260,14 +260,13 @@ def test_estimate_matches_measured_cpu_peak(random_pair, tmp_path, overrides):
 
 
 def test_verdict_and_proposals_that_fit():
-    cfg = load_config(None, {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B"})
-    p = plan(cfg, gpu="t4")  # defaults: no checkpointing, the whole batch in one update forward
+    base = {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B", "train.fit": "off"}
+    p = plan(load_config(None, base), gpu="t4")  # plain defaults: no checkpointing, the whole batch at once
     assert p.fits is False and "does NOT fit" in p.verdict()
     assert p.proposals
     for prop in p.proposals:
         overrides = dict(kv.split("=") for kv in prop.overrides.split())
-        q = plan(load_config(None, {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B", **overrides}),
-                 gpu="t4", propose=False)
+        q = plan(load_config(None, {**base, **overrides}), gpu="t4", propose=False)
         assert q.fits and q.peak_gib() == pytest.approx(prop.peak_gib)
     assert plan(load_config(ROOT / "recipes/colab-t4-qwen2.5-7b-to-0.5b.yaml"), gpu="t4").fits
 
@@ -365,8 +364,14 @@ def test_recipe_is_headed_valid_and_dry_runs(recipe):
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "layer_map" in r.output
-    if "estimated by `minioprd plan" in head:  # the header's figure is the planner's
-        gpu = re.search(r"--gpu (\S+)`", head.replace("\n#  ", " ")).group(1)
-        p = plan(cfg, gpu=gpu)
-        figures = [float(x) for x in re.findall(r"(\d+\.\d) GiB", head)]
-        assert round(max(p.peak_gib(c) for c in range(p.cards)), 1) in figures, (recipe.name, p.to_dict()["peak_gib"])
+    if "estimated by `minioprd plan" in head:  # the header's figures are the planner's, for the recipe as
+        # written and for what loss.objective=auto is expected to pick (the default objective)
+        text = re.sub(r"\n#\s+", " ", head)
+        gpu = re.search(r"--gpu (\S+)`", text).group(1)
+        figures = [float(x) for x in re.findall(r"(\d+\.\d)(?= GiB| and \d+\.\d GiB)", text)]
+        for objective in (cfg.loss.objective, "auto"):
+            p = plan(load_config(recipe, {"loss.objective": objective}), gpu=gpu)
+            peak = round(max(p.peak_gib(c) for c in range(p.cards)), 1)
+            assert peak in figures, (recipe.name, objective, p.to_dict()["peak_gib"], figures)
+            assert p.fits, (recipe.name, objective, p.verdict())  # the T4 recipes: a 15 GiB card by the planner
+            assert not (p.fit and p.fit.changed), (recipe.name, p.fit.summary())  # the recipe's settings fit as set
