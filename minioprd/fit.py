@@ -55,7 +55,7 @@ class Fit:
         kept = f"; kept as you set them: {', '.join(self.kept)}" if self.kept else ""
         if not self.fits:
             what = (f"try {self.proposal.overrides} (~{self.proposal.peak_gib:.1f} GiB)" if self.proposal else
-                    (self.notes[0] if self.notes else "use a smaller teacher or student"))
+                    (self.notes[0] if self.notes else "use a smaller teacher or student"))  # notes: never empty
             return (f"does not fit {where}: even with {self.overrides(self.chosen)} the estimated peak is "
                     f"{self.peak / GIB:.1f} GiB of {lim / GIB:.1f} GiB; {what}, or train.fit=off to run anyway")
         if not self.changed:
@@ -131,8 +131,10 @@ def fit_settings(cfg: Config, teacher: ModelShape, student: ModelShape, where: W
     fits = pick is not None
     if pick is None:
         pick = min(tried, key=lambda cp: _peak(cp[1]))[0]
+    if cfg.loss.objective == "oprd":  # no logits: the chunk plays no part
+        pick = {k: v for k, v in pick.items() if k != "loss.opd_chunk"}
     chosen_cfg = _with(cfg, pick)
-    chosen_plan = next(p for c, p in tried if c == pick)
+    chosen_plan = next(p for c, p in tried if {k: c[k] for k in pick} == pick)
     current = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in FIT_KEYS}
     changed = {k: v for k, v in pick.items() if current[k] != v}
     kept = [k for k in FIT_KEYS if is_explicit(cfg, k) and (k != "loss.opd_chunk" or cfg.loss.objective != "oprd")]
@@ -141,7 +143,10 @@ def fit_settings(cfg: Config, teacher: ModelShape, student: ModelShape, where: W
         props = _proposals(chosen_cfg, chosen_plan, prompt_tokens)
         out.proposal = next((p for p in props if "rollout.max_new_tokens" in p.settings
                              and "rollout.prompts_per_step" in p.settings), props[0] if props else None)
-        out.notes = chosen_plan.notes
+        static = sum(t.bytes for t in chosen_plan.terms if t.phase == "static" and t.card == 0)
+        out.notes = chosen_plan.notes + [f"the weights, optimizer state and CUDA context alone take "
+                                         f"{static / GIB:.1f} GiB: use a smaller teacher or student, or a shorter "
+                                         f"data.max_prompt_tokens"]
     return out
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from minioprd.cli import app
@@ -77,6 +78,8 @@ CASES = [
     (["--resume", "{root}/nomodel"], "not a minioprd run directory"),
     (["loss.bridge={root}/nomodel", "model.teacher_quant=none"], "bridge"),
     (["train.eval_every=2", "eval.holdout=0"], "nothing to evaluate on"),
+    (["-o", "{root}/notes.txt"], "'{root}/notes.txt' is a file, not a directory"),
+    (["-o", "{root}/notes.txt/run"], "'{root}/notes.txt' is a file, not a directory"),
 ]
 
 
@@ -102,6 +105,44 @@ def test_an_existing_run_is_refused_and_kept(world):
     result = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(run), "--steps", "3"])
     assert result.exit_code == 2 and "already holds a run with another config" in result.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_output_dir_naming_a_file_leaves_the_file_alone(world):
+    root, _ = world
+    before = (root / "notes.txt").read_bytes()
+    result = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(root / "notes.txt"), "--steps", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (root / "notes.txt").read_bytes() == before
+
+
+def test_4bit_teacher_whose_width_is_not_a_multiple_of_64_runs_on_cpu(tmp_path, tiny_dirs):
+    """bitsandbytes' CPU 4-bit kernel cannot pack a 96-wide Linear (it used to fail in the first teacher forward
+    with `shape '[96, 1]' is invalid for input of size 144`): those stay unquantized, the rest is NF4."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from minioprd.models import load_teacher, resolve_model
+
+    vocab = AutoConfig.from_pretrained(tiny_dirs["teacher"]).vocab_size
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["teacher"])
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "t96")
+    tok.save_pretrained(tmp_path / "t96")
+    notes: list[str] = []
+    teacher = load_teacher(resolve_model(str(tmp_path / "t96"), "teacher"), "4bit", "cpu", log=notes.append)
+    block = teacher.model.layers[0]
+    assert type(block.mlp.down_proj).__name__ == "Linear4bit"  # 256 -> 96: packable, stays NF4
+    assert type(block.self_attn.q_proj) is torch.nn.Linear and type(block.mlp.gate_proj) is torch.nn.Linear
+    assert len(notes) == 1 and "12 of the teacher's 14 linear layers" in notes[0]
+    with torch.no_grad():
+        logits = teacher(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+    result = runner.invoke(app, ["distill", "-r", RECIPE, "--teacher", str(tmp_path / "t96"), "-o",
+                                 str(tmp_path / "run"), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "the rest is NF4" in result.output and (tmp_path / "run" / "adapter").is_dir()
 
 
 def test_there_are_at_least_25_cases():
