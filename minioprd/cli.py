@@ -158,6 +158,10 @@ def distill(
 ) -> None:
     """Distill a teacher into a LoRA student on the student's own rollouts (OPRD).
 
+    On CUDA, memory settings you did not set (gradient checkpointing, micro-batch,
+    OPD chunk) are chosen for the card's free memory before any weights load
+    (train.fit=auto; train.fit=off keeps the defaults). A CPU run is not fitted.
+
     [bold]minioprd distill --teacher Qwen2.5-7B --student Qwen2.5-0.5B --dataset prompts.jsonl[/bold]
     """
     values = dict(locals())
@@ -518,6 +522,11 @@ def plan_(
     measure_steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 2,
 ) -> None:
     """Estimate GPU memory term by term, say whether the run fits, and propose rollout sizes that do.
+
+    With a card (--gpu, --vram-gb) it plans the settings distill would pick there
+    (train.fit=auto: checkpointing, micro-batch, OPD chunk, unless you set them;
+    train.fit=off plans the defaults), and for loss.objective=auto the objective
+    auto is expected to pick.
 
     [bold]minioprd plan --teacher Qwen2.5-7B --student Qwen2.5-0.5B --gpu t4[/bold]
     """

@@ -63,7 +63,7 @@ class Fit:
                     f"{self.peak / GIB:.1f} GiB of {lim / GIB:.1f} GiB, {self.peak / lim:.0%}){kept}")
         return (f"train.fit=auto for {where}: {self.overrides(self.changed)} (estimated peak {self.peak / GIB:.1f} "
                 f"GiB of {lim / GIB:.1f} GiB, {self.peak / lim:.0%}; as given {self.given_peak / GIB:.1f} GiB){kept}; "
-                f"set them yourself or train.fit=off to keep other values")
+                f"a value you set wins, train.fit=off keeps the defaults")
 
     def to_dict(self) -> dict[str, Any]:
         return {"card": self.card.name, "card_gib": round(self.card.mib / 1024, 2), "fits": self.fits,
