@@ -68,14 +68,14 @@ def test_ladder_keeps_explicit_values_and_goes_fastest_first():
 def test_plan_for_objective_auto_names_what_it_planned_for():
     wide = plan(load_config(None, {**HEADLINE, "loss.objective": "auto"}), gpu="a100-80")
     full = plan(load_config(None, {**HEADLINE, "loss.objective": "opd_full"}), gpu="a100-80")
-    assert wide.objective == "opd_full" and "differ in shape" in wide.objective_reason
+    assert wide.objective == "opd_full" and wide.objective_reason.startswith("auto: opd_full: ")
     assert wide.peak_gib() == pytest.approx(full.peak_gib())
     assert any(t.name.startswith("loss activations") and "OPD" in t.name for t in wide.terms)
     same_cfg = load_config(ROOT / "recipes/same-arch-justrl-to-r1-distill-1.5b.yaml", {"loss.objective": "auto"})
     same = plan(same_cfg, gpu="3090")
     both = {o: plan(load_config(ROOT / "recipes/same-arch-justrl-to-r1-distill-1.5b.yaml", {"loss.objective": o}),
                     gpu="3090").peak_gib() for o in ("oprd", "opd_full")}
-    assert "step 0" in same.objective_reason and "costlier" in same.objective_reason
+    assert "costlier" in same.objective_reason
     assert same.objective == max(both, key=both.get) and same.peak_gib() == pytest.approx(max(both.values()))
     cross = plan(load_config(None, {"model.teacher": "Llama-3.2-1B", "model.student": "Qwen2.5-0.5B",
                                     "loss.objective": "auto"}), gpu="t4")
