@@ -20,7 +20,8 @@ The estimate follows what `distill.py` actually allocates, per card:
 B = prompts_per_step x n, P = data.max_prompt_tokens (the longest prompt: rows are padded to it), R =
 max_new_tokens (every response at full length), mb = micro_batch or B. The numbers are upper bounds for that
 worst case. Model shapes come from embedded configs (offline), a local directory's config.json, or the
-Hugging Face cache.
+Hugging Face cache. loss.objective=auto is planned for the objective it is expected to pick
+(`objective_for_plan`); with a card and train.fit=auto, for the settings `fit.py` picks there.
 """
 
 from __future__ import annotations
@@ -400,6 +401,9 @@ def _student_layer_bytes(s: ModelShape, act: int, lora: dict[str, tuple[int, int
     return total
 
 
+Where = tuple  # _resolve's (device kind, card, student compute dtype, number of devices, teacher in CPU RAM)
+
+
 def _resolve(cfg: Config, gpu: str | None, vram_gb: float | None,
              card: GPU | None = None) -> tuple[str, GPU | None, str, int, bool]:
     """(device kind, card, student compute dtype, number of devices, teacher in CPU RAM); `card`: a detected one."""
@@ -433,6 +437,8 @@ def plan(cfg: Config, gpu: str | None = None, vram_gb: float | None = None, prom
     gpu: a key of GPUS (t4, l4, a10, 3060, 3090, 4090, a100-40, a100-80, ...); vram_gb: a card size in GiB
     (overrides the size of `gpu`). Neither: a CUDA estimate with no verdict, or a CPU (RAM) estimate when
     model.device is cpu. prompt_tokens: the longest prompt in a batch (default data.max_prompt_tokens).
+    loss.objective=auto is planned as `objective_for_plan` says. fit: with a card and train.fit=auto, plan the
+    settings `distill` would pick for it (`fit.fit_settings`; `Plan.fit` says what changed).
     """
     t = teacher or model_shape(cfg.model.teacher)
     s = student or model_shape(cfg.model.student)
@@ -449,9 +455,6 @@ def plan(cfg: Config, gpu: str | None = None, vram_gb: float | None = None, prom
     if propose and p.gpu is not None:
         p.proposals = _proposals(cfg, p, prompt_tokens)
     return p
-
-
-Where = tuple  # _resolve's (device kind, card, student compute dtype, number of devices, teacher in CPU RAM)
 
 
 def _plan_for(cfg: Config, t: ModelShape, s: ModelShape, where: Where, prompt_tokens: int | None) -> Plan:
@@ -785,8 +788,8 @@ def render(p: Plan, console: Any) -> None:
     if p.objective_reason:
         console.print(f"objective: {p.objective} ({p.objective_reason})", highlight=False, markup=False)
     if p.fit is not None:
-        console.print(p.fit.summary() if p.fit.fits else f"train.fit=auto: {p.fit.summary()}: distill stops "
-                      f"before loading any weights", highlight=False, markup=False)
+        console.print(p.fit.summary() if p.fit.fits else f"train.fit=auto: {p.fit.summary()} (distill stops "
+                      f"here, before loading any weights)", highlight=False, markup=False)
     style = "green" if p.fits else ("red" if p.fits is False else "yellow")
     console.print(f"[{style}]{p.verdict()}[/{style}]", highlight=False)
     for pr in p.proposals:
