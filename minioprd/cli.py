@@ -106,10 +106,13 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import datasets
+    import importlib.util
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    if importlib.util.find_spec("datasets") is not None:  # optional where no data file is read (builtin data)
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 # Flags for the common knobs; anything else is a `section.key=value` override.

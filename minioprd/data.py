@@ -117,7 +117,11 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_dataset(source: str, split: str, cache_dir: str | None) -> Any:
     """Open `source` with `datasets` as one split; every failure the user can fix becomes a MinioprdError."""
-    import datasets  # slow to import; only commands that read data pay for it
+    try:
+        import datasets  # slow to import; only commands that read data pay for it
+    except ImportError:  # a bare GPU image may lack it: builtin data sets need no `datasets`
+        raise MinioprdError(f"reading data set '{source}' needs the `datasets` package: `pip install datasets`, "
+                            f"or use a builtin data set (builtin:chat, builtin:arithmetic)") from None
 
     path = Path(source).expanduser()
     if path.is_file():

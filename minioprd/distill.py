@@ -182,11 +182,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
         log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
             f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
     elif d_s != d_t:
-        for _ in pairs:
-            proj = nn.Linear(d_s, d_t, bias=False)
-            nn.init.normal_(proj.weight, std=d_s ** -0.5)  # keeps the per-dimension scale of the input
-            projections.append(proj)
-        projections.to(device)
+        projections = width_projections(len(pairs), d_s, d_t, device)
         log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
@@ -199,6 +195,16 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             "layer-dropped SmolLM2 student opd_full cut the KL to the teacher more (README).")
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
+
+
+def width_projections(n: int, d_s: int, d_t: int, device: torch.device) -> nn.ModuleList:
+    """`n` trainable bias-free Linear(d_S -> d_T), one per mapped layer pair (random start; see fit_projections)."""
+    projections = nn.ModuleList()
+    for _ in range(n):
+        proj = nn.Linear(d_s, d_t, bias=False)
+        nn.init.normal_(proj.weight, std=d_s ** -0.5)  # keeps the per-dimension scale of the input
+        projections.append(proj)
+    return projections.to(device)
 
 
 def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:

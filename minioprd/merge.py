@@ -255,7 +255,7 @@ def load_base(path: str, dtype: str, four_bit: bool) -> Any:
     """The base on CPU in `dtype`; in NF4 (as in QLoRA training, computing in `dtype`) when `four_bit`."""
     from transformers import AutoModelForCausalLM
 
-    from minioprd.models import quantization_config
+    from minioprd.models import keep_cpu_nf4_layout, quantization_config
 
     kw: dict[str, Any] = {"dtype": _torch_dtype(dtype)}
     if four_bit:
@@ -269,11 +269,9 @@ def load_base(path: str, dtype: str, four_bit: bool) -> Any:
         raise MinioprdError(f"could not load the base model from {path!r}: {first}") from None
     model.eval()
     model.requires_grad_(False)
+    # the NF4 weights the adapter was trained against, not bitsandbytes' bf16-rounded CPU repacking of them
+    keep_cpu_nf4_layout(model)
     for mod in model.modules():
-        # bitsandbytes' CPU fast path (avx512_bf16) repacks a 4-bit weight on its first eval forward and rounds
-        # its scales to bf16: the weights would no longer be the NF4 weights the adapter was trained against.
-        if hasattr(mod, "support_avx512bf16_for_cpu"):
-            mod.support_avx512bf16_for_cpu = False
         if hasattr(mod, "compute_type_is_set"):  # a pre-quantized checkpoint brings its own compute dtype
             mod.compute_dtype, mod.compute_type_is_set = _torch_dtype(dtype), True
     return model

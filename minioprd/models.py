@@ -196,9 +196,6 @@ def load_teacher(resolved: ResolvedModel, quant: str = "4bit", device: torch.dev
 def load_student(resolved: ResolvedModel, lora: Any, quant: str = "none", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, trust_remote_code: bool = False) -> Any:
     """The student: base weights frozen (optionally 4-bit, i.e. QLoRA) with a trainable LoRA adapter."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     device = torch.device(device)
     kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype, "trust_remote_code": trust_remote_code}
     qc = quantization_config(quant, dtype if dtype != torch.float32 else torch.bfloat16)
@@ -206,12 +203,32 @@ def load_student(resolved: ResolvedModel, lora: Any, quant: str = "none", device
         kw["quantization_config"] = qc
     model = _from_pretrained(resolved.path, "student", **kw)
     if qc is not None:
+        keep_cpu_nf4_layout(model)
+    return attach_lora(model, lora, quantized=qc is not None, seed=seed)
+
+
+def keep_cpu_nf4_layout(model: Any) -> None:
+    """Stop bitsandbytes' CPU fast path (avx512_bf16) from repacking 4-bit weights on their first eval forward:
+    the repacked layout rounds the scales to bf16 (no longer the NF4 weights) and has no backward, so a QLoRA
+    student that rolled out in eval mode then failed its training forward on such CPUs."""
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
+
+
+def attach_lora(model: Any, lora: Any, quantized: bool = False, seed: int = 0) -> Any:
+    """Make a loaded base the trainable student: gradient checkpointing, then a LoRA adapter (or every weight
+    trainable when lora.r=0). Also used on bases built in place from a config (`gpucheck`, random weights)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=lora.gradient_checkpointing)
     elif lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora.r == 0:  # full fine-tuning: a reference point (the paper's setting), not what a T4 can hold
-        if qc is not None:
+        if quantized:
             raise MinioprdError("full fine-tuning (lora.r=0) needs an unquantized student: set model.student_quant=none")
         model.requires_grad_(True)
         return model

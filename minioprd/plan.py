@@ -864,7 +864,8 @@ def _warm_up(setup: Any) -> None:
     setup.student.zero_grad(set_to_none=True)
 
 
-def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_freed: bool = True) -> dict[str, Any]:
+def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_freed: bool = True,
+            prepare: Any = None) -> dict[str, Any]:
     """Run `steps` real distill steps in this process; return the measured peak next to the estimate.
 
     CUDA: torch's peak reserved memory plus the context (card total - free - reserved, read after loading),
@@ -874,7 +875,8 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
     never sees. Large allocations are served by mmap during the run (glibc mallopt M_MMAP_THRESHOLD=64 KiB,
     as `MALLOC_MMAP_THRESHOLD_=65536` would) and free heap pages are trimmed before the baseline, so RSS
     follows the live tensors (with glibc's defaults, heap fragmentation adds a run-dependent 30-270%;
-    `release_freed=False` measures that). The comparison uses the longest real prompt for P.
+    `release_freed=False` measures that). The comparison uses the longest real prompt for P. `prepare(cfg, log)`
+    replaces `distill.prepare` (the GPU check builds random-weight models in place with it, no checkpoint).
     """
     import tempfile
 
@@ -893,7 +895,7 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
     original = distill_mod.prepare
 
     def prepare_then_reset(*a: Any, **kw: Any) -> Any:
-        setup = original(*a, **kw)
+        setup = (prepare or original)(*a, **kw)
         seen["P"] = max(len(p) for p in setup.prompts)
         if cuda:
             seen["context"] = {}

@@ -238,3 +238,17 @@ def test_collapse_warning_fires_on_looping_rollouts(tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["repetition"] == 1.0 and x["collapse_warning"] for x in rows)
     assert "repeating itself" in r.stdout
+
+
+def test_qlora_student_trains_after_eval_mode_rollouts(tmp_path):
+    """student_quant=4bit on a CPU with avx512_bf16: bitsandbytes used to repack the NF4 weights during the
+    (eval-mode) rollout, and the training forward then died in its in-place bias add (a traceback)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["distill", "--recipe", RECIPE, "-o", str(out), "--steps", "2", "model.student_quant=4bit"])
+    assert r.exit_code == 0, r.output
+    b = [v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert b and all(bool((x != 0).any()) for x in b)  # B starts at zero: every LoRA layer was updated
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
