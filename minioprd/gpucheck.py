@@ -185,6 +185,7 @@ def random_setup(cfg: Any, student_cfg: Any, teacher_cfg: Any, tok: Any, prompts
     torch.manual_seed(1)
     with torch.device(t_device):
         teacher = AutoModelForCausalLM.from_config(teacher_cfg, dtype=t_dtype)
+    teacher.to(t_device)  # a no-op where the device context was honoured (the weights were made there)
     if cfg.model.teacher_quant == "4bit":
         quantize_nf4_(teacher, t_dtype if t_device.type == "cuda" else torch.bfloat16)
     elif cfg.model.teacher_quant != "none":
@@ -198,7 +199,7 @@ def random_setup(cfg: Any, student_cfg: Any, teacher_cfg: Any, tok: Any, prompts
     torch.manual_seed(0)
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(student_cfg, dtype=dtype)
-    student = attach_lora(base, cfg.lora, quantized=False, seed=cfg.train.seed)
+    student = attach_lora(base.to(device), cfg.lora, quantized=False, seed=cfg.train.seed)
     pairs = layer_map(cfg.loss.layers, num_layers(student), num_layers(teacher), cfg.loss.teacher_layers)
     d_s, d_t = student_cfg.hidden_size, teacher_cfg.hidden_size
     torch.manual_seed(cfg.train.seed)
@@ -588,7 +589,8 @@ def run_check(out: Path, mode: str = "gpu", phases: tuple[str, ...] = PHASE_NAME
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("MINIOPRD_GPU_CHECK_WORK", "") or (out / "work"))
+    # models and runs go beside the report, never into it: $OUT comes back from the GPU machine whole
+    work = Path(os.environ.get("MINIOPRD_GPU_CHECK_WORK", "") or f"{out}-work")
     work.mkdir(parents=True, exist_ok=True)
     has_bnb = importlib.util.find_spec("bitsandbytes") is not None if bnb is None else bnb
     ctx = Context(mode, device or ("cuda" if mode == "gpu" else "cpu"), work, has_bnb, tuple(rollout_args))
@@ -608,8 +610,9 @@ def run_check(out: Path, mode: str = "gpu", phases: tuple[str, ...] = PHASE_NAME
                                    "status": "not_run", "seconds": None, "figures": {}, "reason": ""}
             if cuda_missing:
                 row["reason"] = "no CUDA device (see the env row)"
-            elif phase.needs_bnb and not has_bnb:
-                row["reason"] = ("bitsandbytes is not installed: the NF4 wheel did not come "
+            elif phase.needs_bnb and not ctx.bnb:
+                row["reason"] = ("bitsandbytes does not load its CUDA library here (env row)" if has_bnb else
+                                 "bitsandbytes is not installed: the NF4 wheel did not come "
                                  "(scripts/gpu_wheelhouse.sh, carry .whl)")
             elif budget < MIN_PHASE_S and budgets[phase.name] >= MIN_PHASE_S:
                 row["reason"] = f"out of time: {max(left, 0):.0f}s of the {total_budget:.0f}s budget left"
@@ -632,6 +635,9 @@ def run_check(out: Path, mode: str = "gpu", phases: tuple[str, ...] = PHASE_NAME
                 if phase.name == "env":
                     doc["environment"] = row["figures"]
                     cuda_missing = ctx.cuda and not row["figures"].get("cuda_available", False)
+                    if "bitsandbytes does not work" in row["reason"]:
+                        ctx.bnb = False  # the other rows run without NF4 (bf16 teacher) rather than fail on it
+                        doc["bitsandbytes"] = False
                 log(f"        {row['status']}: {row['figures'].get('summary', '')} {row['reason']}".rstrip())
             if row["status"] == "not_run":
                 log(f"        not run: {row['reason']}")
