@@ -309,7 +309,7 @@ def _distill_row(ctx: Context, dtype: str) -> tuple[dict[str, Any], Failed]:
     quant = "4bit" if ctx.bnb else "none"
     cfg = load_config(None, {
         "model.teacher": str(t_dir), "model.student": str(s_dir), "model.teacher_quant": quant,
-        "model.device": ctx.device, "model.dtype": dtype, "data.dataset": "builtin:chat",
+        "model.device": ctx.device, "model.dtype": dtype, "data.dataset": "builtin:chat", "loss.objective": "oprd",
         "data.max_prompt_tokens": sh.prompt_len, "rollout.prompts_per_step": sh.prompts_per_step,
         "rollout.n": sh.n, "rollout.max_new_tokens": sh.new_tokens, "lora.gradient_checkpointing": "true",
         "train.steps": steps, "train.fp16_loss_scale": "true", "train.collapse_threshold": 0.0,
@@ -318,6 +318,10 @@ def _distill_row(ctx: Context, dtype: str) -> tuple[dict[str, Any], Failed]:
     built: dict[str, float] = {}
 
     def prepare(c: Any, log: Any = print) -> Any:
+        # distill has already run train.fit=auto on `c` (CUDA): the settings measured and planned are its picks
+        built["fit"] = {"note": getattr(c, "fit_note", None), "rollout.micro_batch": c.rollout.micro_batch,
+                        "lora.gradient_checkpointing": c.lora.gradient_checkpointing,
+                        "loss.opd_chunk": c.loss.opd_chunk}
         t0 = time.time()
         s = random_setup(c, s_cfg, t_cfg, tok, prompts, log=print)
         built["build_s"] = time.time() - t0
@@ -331,7 +335,7 @@ def _distill_row(ctx: Context, dtype: str) -> tuple[dict[str, Any], Failed]:
     figs: dict[str, Any] = {
         "student": sh.student, "teacher": sh.teacher, "teacher_quant": quant, "dtype": dtype,
         "batch": sh.prompts_per_step * sh.n, "prompt_tokens": sh.prompt_len, "new_tokens": sh.new_tokens,
-        "steps": len(rows), "build_s": built.get("build_s"),
+        "steps": len(rows), "build_s": built.get("build_s"), "fit": built.get("fit"),
         "peak_measured_mib": m["measured_mib"], "plan_estimate_mib": m["estimated_mib"],
         "plan_error_pct": 100 * m["error"], "memory_how": m["how"],
         "step1_s": rows[0]["step_s"] if rows else None,
