@@ -161,6 +161,10 @@ def distill(
 ) -> None:
     """Distill a teacher into a LoRA student on the student's own rollouts (OPRD).
 
+    The objective is picked for the pair before the first step (loss.objective=auto: oprd when the states share
+    an origin, measured at step 0; opd_full for a teacher trained apart; an OPRD-Bridge across tokenizers),
+    printed with its reason and written to config.yaml; loss.objective=oprd (or opd_full, ...) sets it yourself.
+
     On CUDA, memory settings you did not set (gradient checkpointing, micro-batch,
     OPD chunk) are chosen for the card's free memory before any weights load
     (train.fit=auto; train.fit=off keeps the defaults). A CPU run is not fitted.
@@ -617,8 +621,8 @@ def demo(
                                                    "opd_sampled, opd_topk, opd_full, opd_topk+oprd, opd_full+oprd, "
                                                    "sft_teacher, oprd_lstsq). --real: oprd, opd_sampled, opd_topk, "
                                                    "opd_full, opd_full+oprd. Demo: one method for every pairing "
-                                                   "(default oprd on the shared-origin pair, opd_full+oprd on the "
-                                                   "wide one).",
+                                                   "(default oprd on the shared-origin pair, auto on the wide one, "
+                                                   "where it picks opd_full).",
                                                    show_default=False)] = None,
     knobs: Annotated[Optional[str], typer.Option(help="--compare: comma-separated OPRD knob rows, or none "
                                                  "(default all: oprd/token, oprd/mse, oprd/normalized_mse, "

@@ -106,8 +106,12 @@ class RolloutConfig:
 class LossConfig:
     """> The representation loss (paper Eq. 6) and which states it compares."""
 
-    objective: str = _f("oprd", "oprd (representation loss only, the paper's main setting), or an "
-                        "output-space OPD baseline: opd_sampled (sampled-token REINFORCE), opd_topk (student's "
+    objective: str = _f("auto", "auto (default: picked for the pair before the first step and written to "
+                        "config.yaml with its reason: oprd when the student's and teacher's states already point "
+                        "the same way, i.e. a shared origin, measured at step 0; opd_full for a teacher trained "
+                        "apart or of another shape; oprd through an OPRD-Bridge fitted on the run's prompts when the "
+                        "tokenizers differ), oprd (representation loss only, the paper's main setting), or an "
+                        "output-space OPD objective: opd_sampled (sampled-token REINFORCE), opd_topk (student's "
                         "top-k), opd_full (exact reverse KL, chunked). With an OPD objective and mu > 0 the loss is "
                         "L_OPD + mu * L_OPRD (paper Eq. 7), one teacher forward.",
                         choices=("auto", "oprd", "opd_sampled", "opd_topk", "opd_full"))

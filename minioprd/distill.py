@@ -99,6 +99,9 @@ def describe(cfg: Config, console: Any) -> None:
                   f"positions: {cfg.loss.positions}"
                   f"{f' (k={cfg.loss.k})' if cfg.loss.positions.endswith('_k') else ''}, convention "
                   f"{cfg.loss.convention}", markup=False, highlight=False)
+    from minioprd.objective import dry_run_line
+
+    console.print(f"# {dry_run_line(cfg, (ls, ds), (lt, dt))}", markup=False, highlight=False)
 
 
 def prepare(cfg: Config, log: Any = print) -> Setup:
@@ -152,7 +155,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
     if same_tokenizer(tokenizer, teacher_tok):
         check_tokenizers(tokenizer, teacher_tok, teacher.get_input_embeddings().weight.shape[0])
     else:
-        if cfg.loss.objective != "oprd":
+        if cfg.loss.objective not in ("oprd", "auto"):
             raise MinioprdError(f"the teacher's tokenizer differs from the student's: loss.objective="
                                 f"{cfg.loss.objective} compares next-token distributions and needs a shared "
                                 f"vocabulary; use loss.objective=oprd (the teacher then reads the text)")
@@ -181,18 +184,11 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             projections = bridge.student_projections  # joins the optimizer's projection group
         log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
             f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
-    elif d_s != d_t:
+    elif d_s != d_t and (cfg.loss.objective == "oprd" or cfg.loss.mu > 0):  # auto picks no OPRD term at other widths
         projections = width_projections(len(pairs), d_s, d_t, device)
         log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
-    shape_s, shape_t = (num_layers(student), d_s), (num_layers(teacher), d_t)
-    if cfg.loss.objective == "oprd" and shape_s != shape_t:
-        log(f"note: student {shape_s[0]}x{shape_s[1]} and teacher {shape_t[0]}x{shape_t[1]} differ in shape. "
-            "Representation matching alone needs a shared origin (the paper's same-architecture setting): with a "
-            "teacher trained apart, `minioprd demo --compare` (wide pairing) got ~35% from OPRD with projections "
-            "and from OPRD-Bridge, ~55% from loss.objective=opd_full (alone or with loss.mu=1), and on a "
-            "layer-dropped SmolLM2 student opd_full cut the KL to the teacher more (README).")
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
 
@@ -521,11 +517,13 @@ def _run_state(out: Path, cfg: Config, force: bool, resume: bool, log: Any) -> t
             raise MinioprdError(f"nothing to resume in {str(out)!r}: it holds no run (start it without --resume)")
         return None, False
     if force:  # start over; the old adapter/ stays until the new one replaces it atomically
-        for name in ("metrics.jsonl", "metrics.png", "summary.json"):
+        for name in ("metrics.jsonl", "metrics.png", "summary.json", "objective.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return None, False
-    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text() == to_yaml(cfg)
+    from minioprd.objective import same_config
+
+    same = (out / "config.yaml").is_file() and same_config((out / "config.yaml").read_text(), cfg, out)
     if not (resume or same):
         raise MinioprdError(f"output dir {str(out)!r} already holds a run with another config: pass a new "
                             f"--output-dir, --resume {out} to continue it, or --force to overwrite it")
@@ -590,7 +588,11 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         return json.loads((out / "summary.json").read_text())
     s = setup or prepare(cfg, log)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    from minioprd.objective import config_note, resolve
+
+    objective = resolve(s, out, log)  # loss.objective=auto: measured at step 0 (or kept from this run dir)
+    cfg = s.cfg
+    atomic_write_text(out / "config.yaml", config_note(objective) + to_yaml(cfg))
 
     params = [p for p in s.student.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": cfg.train.lr}]
@@ -722,7 +724,7 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
         "first": {k: rows[0].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
         "last": {k: rows[-1].get(k) for k in ("loss", "cos", "response_len", "distinct")} if rows else {},
         "nonfinite_steps": counters["nonfinite_total"], "fp16_overflow_steps": counters["overflow_steps"],
-        "skipped_prompts": s.skipped_prompts,
+        "skipped_prompts": s.skipped_prompts, "objective": objective.to_dict(),
         "adapter": str(final_dir(s)), "resumed_from": str(ckpt) if ckpt else None,
     }
     atomic_write_json(out / "summary.json", summary)

@@ -41,9 +41,9 @@ def test_cli_run_writes_every_output(cli_run):
         assert key in rows[0], key
     assert len(rows[0]["layer_cos"]) == 2  # 2 student layers mapped onto the 4-layer teacher
     assert "layer_map (student->teacher): 1->1, 2->4" in result.stdout
-    # tiny student 2x64, teacher 4x128: plain OPRD on differently shaped models gets a note with the way out
-    assert "note: student 2x64 and teacher 4x128 differ in shape" in result.stdout
-    assert "loss.objective=opd_full" in result.stdout
+    # tiny student 2x64, teacher 4x128: the recipe's explicit oprd runs, with a note on what auto would pick
+    assert "note: loss.objective=oprd is set, but student 2x64 and teacher 4x128 differ in shape" in result.stdout
+    assert "loss.objective=auto would pick opd_full" in result.stdout
     meta = json.loads((out / "adapter" / "minioprd.json").read_text())
     assert meta["layer_map"] == [[1, 1], [2, 4]] and meta["projections"] is True
 
