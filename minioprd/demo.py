@@ -13,8 +13,9 @@ path). The paper's setting is rebuilt in miniature (`build_pairs`, cached under 
                 and width, so the width projections (and the limits of vanilla OPRD) are exercised.
 
 `minioprd demo` distills the student with OPRD towards the shared-origin teacher (LoRA r=16, lr 1e-2, 100
-steps of 16 prompts x 4 rollouts at T=1) and with OPD + mu*OPRD towards the wide one, where vanilla OPRD
-collapses (the paper's stated limitation: it needs aligned representations). `minioprd demo --compare` runs
+steps of 16 prompts x 4 rollouts at T=1) and with the package default, loss.objective=auto, towards the wide one,
+where it picks opd_full: vanilla OPRD collapses there (the paper's stated limitation: it needs aligned
+representations). `minioprd demo --compare` runs
 every objective (METHODS, with OPRD-Bridge rows on the wide pairing: `demo_bridge` fits the bridge once) and
 the OPRD knobs (KNOBS) with 3 seeds, each at the learning rate it does best with on the validation split (same
 grid for all), and resumes from its finished runs.
@@ -100,10 +101,14 @@ KNOBS: dict[str, dict[str, Any]] = {
     "opd_full+oprd/mu=10": {"loss.objective": "opd_full", "loss.mu": 10.0},  # the paper's larger mu
 }
 KNOB_LR_FROM = {"opd_full+oprd/mu=10": "opd_full+oprd"}  # other knob rows (without a grid) use OPRD's rate
-# What `minioprd demo` runs on each pairing, at the rates `minioprd demo --compare` picked on validation.
-DEMO_METHODS = {"shared": "oprd", "wide": "opd_full+oprd"}
+# What `minioprd demo` runs on each pairing, at the rates `minioprd demo --compare` picked on validation. The wide
+# pairing runs the package default, loss.objective=auto: it picks opd_full there (the widths differ), so it runs at
+# opd_full's rate; the shared row stays pinned to oprd, as recorded.
+DEMO_METHODS = {"shared": "oprd", "wide": "auto"}
+DEMO_ONLY = {"auto": {"loss.objective": "auto"}}  # demo methods that are not rows of the comparison
 DEMO_LRS = {("shared", "oprd", "lora"): 1e-2, ("shared", "oprd", "full"): 3e-3,
-            ("wide", "opd_full+oprd", "lora"): 1e-3, ("shared", "opd_full+oprd", "lora"): 3e-3}
+            ("wide", "opd_full+oprd", "lora"): 1e-3, ("shared", "opd_full+oprd", "lora"): 3e-3,
+            ("wide", "auto", "lora"): 1e-3, ("wide", "opd_full", "lora"): 1e-3}
 
 
 def demo_lr(pairing: str, method: str, lora_r: int) -> float:
@@ -446,6 +451,7 @@ def run_one(pairs: Pairs, spec: RunSpec, output_dir: Path, evals: dict[str, Task
 
     cfg = make_config(pairs, spec, output_dir, threads)
     t0, c0 = time.time(), time.process_time()
+    picked = spec.method
     say = _say if console is None else (lambda m: console.print(m, markup=False, highlight=False))
     s = prepare(cfg, log=lambda m: None if m.startswith("prompts:") else say(m))
     s.prompts = encode_prompts(s.tokenizer, evals["train_examples"])  # all of train: val/test stay unseen
@@ -468,11 +474,11 @@ def run_one(pairs: Pairs, spec: RunSpec, output_dir: Path, evals: dict[str, Task
 
         sft_on_teacher(cfg, s, evaluator)
     else:
-        distill(cfg, console=console, force=True, setup=s, evaluator=evaluator)
+        picked = distill(cfg, console=console, force=True, setup=s, evaluator=evaluator)["objective"]["label"]
     curve = _curve(output_dir / "metrics.jsonl")
     val = evals["val"](s.student)["acc"]
-    result = {"pairing": spec.pairing, "method": spec.method, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps,
-              "lora_r": cfg.lora.r, "overrides": spec.overrides, "curve": curve, "final": curve[-1] if curve else {},
+    result = {"pairing": spec.pairing, "method": spec.method, "objective": picked, "lr": spec.lr, "seed": spec.seed,
+              "steps": spec.steps, "lora_r": cfg.lora.r, "overrides": spec.overrides, "curve": curve, "final": curve[-1] if curve else {},
               "initial": curve[0] if curve else {}, "val_acc": val, "n_test": len(evals["test"].prompts),
               "eval_every": spec.eval_every, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
     atomic_write_json(output_dir / "result.json", result)
@@ -569,9 +575,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 100, lr: floa
              eval_every: int = 10, n_test: int = 200, recipe: PairRecipe | None = None, threads: int = 1,
              console: Any = None, rebuild: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build or load the pairs, distill the student towards each teacher (`methods[pairing]`, default
-    `DEMO_METHODS`: OPRD for the shared-origin teacher, OPD + mu*OPRD for the wide one, where vanilla OPRD
-    collapses), evaluate teacher, student before and after; write report.json and demo.png into
-    `output_dir`. `lr` None = the method's rate picked on the validation split. Returns the report."""
+    `DEMO_METHODS`: OPRD for the shared-origin teacher, loss.objective=auto for the wide one, where it picks
+    opd_full and vanilla OPRD collapses), evaluate teacher, student before and after; write report.json and
+    demo.png into `output_dir`. `lr` None = the method's rate picked on the validation split. Returns the report."""
     t_start = time.time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,8 +586,9 @@ def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 100, lr: floa
     for pairing in pairings:
         if pairing not in PAIRINGS:
             raise MinioprdError(f"unknown pairing {pairing!r}: choose from {', '.join(PAIRINGS)}")
-        if chosen[pairing] not in METHODS or chosen[pairing] == "sft_teacher":
-            raise MinioprdError(f"the demo distills with one of {', '.join(m for m in METHODS if m != 'sft_teacher')}"
+        if chosen[pairing] not in {**METHODS, **DEMO_ONLY} or chosen[pairing] == "sft_teacher":
+            raise MinioprdError(f"the demo distills with one of "
+                                f"{', '.join(m for m in {**METHODS, **DEMO_ONLY} if m != 'sft_teacher')}"
                                 f", got {chosen[pairing]!r}")
     pairs = _pairs_with_progress(recipe or PairRecipe(), console, rebuild)
     tok = _tokenizer(pairs)
@@ -594,14 +601,14 @@ def run_demo(output_dir: str | Path = "runs/demo", *, steps: int = 100, lr: floa
         if console is not None:
             console.rule(f"{method}: student -> "
                          f"{'shared-origin' if pairing == 'shared' else 'wider, deeper'} teacher, lr {rate:g}")
-        extra = {**METHODS[method], "lora.r": lora_r, **(overrides or {})}
+        extra = {**{**METHODS, **DEMO_ONLY}[method], "lora.r": lora_r, **(overrides or {})}
         spec = RunSpec(pairing=pairing, method=method, overrides=extra, lr=rate, seed=seed, steps=steps,
                        eval_every=eval_every)
         res = run_one(pairs, spec, out / pairing, evals, threads=threads, console=console)
         ref = refs[pairing]
         fin = res["final"]
         rows.append({
-            "pairing": pairing, "method": method, "teacher": str(pairs.teacher(pairing)),
+            "pairing": pairing, "method": method, "objective": res["objective"], "teacher": str(pairs.teacher(pairing)),
             "teacher_acc": ref["teacher_acc"], "student_before_acc": ref["student_acc"],
             "student_after_acc": fin.get("acc"),
             "gap_closed": gap_closed(fin.get("acc", 0.0), ref["student_acc"], ref["teacher_acc"]),
@@ -671,7 +678,8 @@ def print_demo(report: dict[str, Any], console: Any) -> None:
     for col in ("pair", "method", "teacher", "student", "after", "gap", "KL", "cosine"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in report["rows"]:
-        table.add_row(r["pairing"], r["method"],
+        picked = r.get("objective", r["method"])
+        table.add_row(r["pairing"], r["method"] + (f" → {picked}" if picked != r["method"] else ""),
                       _pct(r["teacher_acc"]), _pct(r["student_before_acc"]), _pct(r["student_after_acc"]),
                       _num(r["gap_closed"], ".2f"), arrow(r["kl_before"], r["kl_after"]),
                       arrow(r["cos_before"], r["cos_after"]))
@@ -682,7 +690,7 @@ def print_demo(report: dict[str, Any], console: Any) -> None:
                   "own greedy answers", markup=False, highlight=False)
     if any(r["pairing"] == "wide" and r["method"] == "oprd" for r in report["rows"]):
         console.print("note: the wide teacher has another origin; vanilla OPRD needs a shared one (paper §6) and "
-                      "collapses here - the default runs OPD + mu*OPRD on that pairing", markup=False)
+                      "collapses here - the default (loss.objective=auto) picks opd_full on that pairing", markup=False)
     plot = report.get("plot")
     console.print(f"report: {Path(report['rows'][0]['run_dir']).parent / 'report.json'}"
                   + (f", plot: {plot}" if plot else " (pip install matplotlib for the plot)")

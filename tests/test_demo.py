@@ -141,7 +141,9 @@ def test_demo_reduced_writes_report_and_plot(pairs, tmp_path):
             assert row["gap_closed"] == pytest.approx(want)
     assert data["rows"][0]["cos_before"] is not None  # same width: the cosine needs no projection
     assert (out / "shared" / "adapter" / "adapter_config.json").is_file()
-    assert (out / "wide" / "adapter" / "projections.safetensors").is_file()
+    # the wide row runs the default loss.objective=auto, which picks opd_full there (no OPRD term, no projections)
+    assert [(r["method"], r["objective"]) for r in data["rows"]] == [("oprd", "oprd"), ("auto", "opd_full")]
+    assert not (out / "wide" / "adapter" / "projections.safetensors").exists()
     pytest.importorskip("matplotlib")
     assert report["plot"] and (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -207,7 +209,8 @@ def test_cli_demo_runs_reduced(pairs, tmp_path, monkeypatch):
     monkeypatch.setattr(d, "PairRecipe", lambda: SMALL)  # the CLI builds the default recipe: use the small one
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "1", "--n-test", "4", "--pairings",
-                                      "shared"])
+                                      "shared,wide"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
+    assert "auto → opd_full" in result.output  # the table shows the objective auto picked
     assert "gap" in result.output and "report.json" in result.output and (out / "report.json").is_file()
     assert json.loads((out / "report.json").read_text())["rows"][0]["steps"] == 1
