@@ -474,7 +474,8 @@ def run_one(pairs: Pairs, spec: RunSpec, output_dir: Path, evals: dict[str, Task
 
         sft_on_teacher(cfg, s, evaluator)
     else:
-        picked = distill(cfg, console=console, force=True, setup=s, evaluator=evaluator)["objective"]["label"]
+        decided = distill(cfg, console=console, force=True, setup=s, evaluator=evaluator)["objective"]
+        picked = decided["label"] if decided["requested"] == "auto" else spec.method
     curve = _curve(output_dir / "metrics.jsonl")
     val = evals["val"](s.student)["acc"]
     result = {"pairing": spec.pairing, "method": spec.method, "objective": picked, "lr": spec.lr, "seed": spec.seed,
