@@ -42,7 +42,7 @@ def test_qwen25_shapes_against_hand_counts():
     assert t.other_params() == 2 * 152064 * 3584 + 28 * (3584 + 2 * 512 + 2 * 3584) + 3584 == 1_090_328_064
     # LoRA r=16 on all 7 linears of a 0.5B block: r * (in + out) summed = 16 * 22,912; peft prints 8,798,208
     lora = 16 * ((896 + 896) + 2 * (896 + 128) + (896 + 896) + 2 * (896 + 4864) + (4864 + 896))
-    p = plan(load_config(ROOT / "recipes/colab-t4-qwen2.5-7b-to-0.5b.yaml"), gpu="t4")
+    p = plan(load_config(ROOT / "recipes/colab-t4-qwen2.5-7b-to-0.5b.yaml", {"loss.objective": "oprd"}), gpu="t4")
     assert _term(p, "LoRA adapter") == 4 * 24 * lora == 4 * 8_798_208
     # NF4 + double quant: 4 bits + an 8-bit absmax per 64 + an fp32 absmax per 256 blocks; bf16 for the rest
     assert _term(p, "teacher weights") == pytest.approx(6_525_288_448 * (4 + 8 / 64 + 32 / 16384) / 8
@@ -304,7 +304,8 @@ def test_qlora_student_upcasts_and_opd_objective_counts_logits():
                                     "model.student_quant": "4bit"}), gpu="l4")
     s = model_shape("Qwen2.5-1.5B")
     assert _term(qlora, "student weights") == pytest.approx(s.linear_params() * NF4_BITS / 8 + s.other_params() * 4)
-    oprd = plan(load_config(None, {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B"}), gpu="l4")
+    oprd = plan(load_config(None, {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B",
+                                   "loss.objective": "oprd"}), gpu="l4")
     opd = plan(load_config(None, {"model.teacher": "Qwen2.5-7B", "model.student": "Qwen2.5-0.5B",
                                   "loss.objective": "opd_full"}), gpu="l4")
     assert any(t.phase == "info" for t in oprd.terms) and not any(t.phase == "info" for t in opd.terms)
