@@ -1,10 +1,29 @@
-"""On-policy rollouts: the student, adapter active, samples responses with HF generate and its KV cache."""
+"""On-policy rollouts: the student, adapter active, samples responses with HF generate and its KV cache.
+
+Speed-ups (each leaves the sampled tokens what they were, up to float rounding; greedy rollouts are identical):
+- `share_prefill`: the n responses of a prompt share one prefill of it; the prompt's KV cache is repeated n
+  times after the prefill instead of prefilling n copies.
+- `cache="static"`: a preallocated KV cache of a fixed length (rounded up to `CACHE_BUCKET` and never shrunk), so
+  a decode step has the same shapes at every step of every call: what `compile` needs to compile it once.
+- `compile`: `torch.compile` of the decode step (transformers' generate compiles it when the cache is static).
+  Where a model or its quantization cannot do either, the rollout falls back to the dynamic cache with one note.
+- the batch stops when every row has hit EOS (HF generate's stopping criteria).
+LoRA merging for the rollout (`rollout.merge_lora`) is done by the caller around this function.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+CACHES = ("dynamic", "static")
+CACHE_BUCKET = 128  # static cache lengths are rounded up to this, so prompts of other lengths reuse the compiled step
+COMPILE_BACKEND: Any = "inductor"  # torch.compile backend of the decode step (tests count compilations with their own)
 
 
 @dataclass
@@ -49,27 +68,144 @@ def response_mask_from(responses: torch.Tensor, eos: list[int]) -> torch.Tensor:
     return ~after
 
 
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (generate, its compiled call and quantizer live there)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _note(model: torch.nn.Module, key: str, message: str) -> None:
+    """One line per model and kind of fallback, also kept on the model for `minioprd bench rollout`."""
+    notes = _base(model).__dict__.setdefault("_minioprd_rollout_notes", {})
+    if key not in notes:
+        notes[key] = message
+        logger.warning("rollout: %s", message)
+
+
+def rollout_notes(model: torch.nn.Module) -> list[str]:
+    """The fallbacks this model's rollouts took (static cache or compile not available), one line each."""
+    return list(_base(model).__dict__.get("_minioprd_rollout_notes", {}).values())
+
+
+def usable_speedups(model: torch.nn.Module, cache: str, compile: bool) -> tuple[str, bool]:
+    """The (cache, compile) this model can run, with a note for each fallback.
+
+    Static cache: models transformers marks as compilable (`_can_compile_fullgraph`). Compile: additionally not
+    quantized weights that cannot be compiled (bitsandbytes 4/8-bit); it needs the static cache.
+    """
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+    base = _base(model)
+    notes = base.__dict__.get("_minioprd_rollout_notes", {})
+    if cache == "static" and ("static" in notes or not getattr(base, "_can_compile_fullgraph", False)):
+        _note(model, "static", f"{type(base).__name__} does not support a static KV cache; using the dynamic cache")
+        return "dynamic", False
+    if compile:
+        quantizer = getattr(base, "hf_quantizer", None)
+        if quantizer is not None and not quantizer.is_compileable:
+            _note(model, "compile", f"{type(quantizer).__name__} weights cannot be compiled; decoding uncompiled")
+            compile = False
+        elif cache != "static":
+            _note(model, "compile-dynamic", "rollout.compile needs rollout.cache=static; decoding uncompiled")
+            compile = False
+        elif "compile" in notes:
+            compile = False
+    return cache, compile
+
+
+def _compile_config(device: torch.device) -> Any:
+    from transformers import CompileConfig
+
+    # CUDA graphs (reduce-overhead) take the Python launch cost out of a decode step on a GPU; a CPU has none.
+    cc = CompileConfig(fullgraph=False, dynamic=False, backend=COMPILE_BACKEND,
+                       mode="reduce-overhead" if device.type == "cuda" else "default")
+    cc._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    return cc
+
+
+def _positions(attn: torch.Tensor) -> torch.Tensor:
+    """Position ids exactly as generate makes them from a left-padded attention mask."""
+    return (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
+
+
+def _shared_prefill(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, n: int) -> Any:
+    """Prefill each distinct prompt once, all but its last token, and repeat its cache for its n responses.
+
+    Generate then runs the prompts' last token on all n rows (it needs at least one uncached token to produce
+    the first response token's logits) and decodes as usual.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=_base(model).config)
+    model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=_positions(attn[:, :-1]), cache=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
+def _static_cache(model: torch.nn.Module, prefilled: Any, length: int) -> Any:
+    """A static cache of `length` positions; holds the shared prefill's keys and values when there is one."""
+    from transformers import StaticCache
+
+    base = _base(model)
+    # never shrink: a later call with a shorter prompt keeps the compiled decode step's shapes
+    length = max(-(-length // CACHE_BUCKET) * CACHE_BUCKET, base.__dict__.get("_minioprd_cache_len", 0))
+    base.__dict__["_minioprd_cache_len"] = length
+    static = StaticCache(config=base.config, max_cache_len=length)
+    if prefilled is not None:
+        for i, layer in enumerate(prefilled.layers):
+            static.update(layer.keys, layer.values, i)
+    return static
+
+
 @torch.no_grad()
 def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int = 1, temperature: float = 1.0,
-            top_p: float = 1.0, max_new_tokens: int = 256) -> Rollout:
+            top_p: float = 1.0, max_new_tokens: int = 256, cache: str = "dynamic", compile: bool = False,
+            share_prefill: bool = True) -> Rollout:
     """Sample `n` responses per prompt (rows are prompt-major: p0 r0, p0 r1, p1 r0, ...)."""
     was_training = model.training
     model.eval()  # no dropout, and gradient checkpointing (train-mode only) stays out of the KV-cache path
     device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(n)]
-    batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+    batch = tokenizer.pad({"input_ids": list(prompts)}, padding=True, padding_side="left", return_tensors="pt")
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    rows_ids, rows_attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+    P = ids.shape[1]
     eos = eos_ids(model, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, use_cache=True,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **sampling)
-    model.train(was_training)
-    P = ids.shape[1]
+    cache, compile = usable_speedups(model, cache, compile)
+    rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def generate(kind: str, compiled: bool) -> torch.Tensor:
+        past = _shared_prefill(model, ids, attn, n) if share_prefill and n > 1 and P > 1 else None
+        extra: dict[str, Any] = {}
+        if kind == "static":
+            past = _static_cache(model, past, P + max_new_tokens)
+            extra = {"compile_config": _compile_config(device)} if compiled else {"disable_compile": True}
+        return model.generate(input_ids=rows_ids, attention_mask=rows_attn, max_new_tokens=max_new_tokens,
+                              use_cache=True, cache=past, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                              **sampling, **extra)
+
+    try:
+        try:
+            out = generate(cache, compile)
+        except Exception as e:  # noqa: BLE001 - any failure of the optional path falls back to the plain one
+            if cache == "dynamic":
+                raise
+            what = "compile" if compile else "static"
+            _note(model, what, f"{'compiling the decode step' if compile else 'the static KV cache'} failed "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                               f"using {'the static cache uncompiled' if compile else 'the dynamic cache'}")
+            torch.random.set_rng_state(rng[0])  # the fallback samples what the failed try would have
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
+            out = generate(*(("static", False) if compile else ("dynamic", False)))
+    finally:
+        model.train(was_training)
     responses = out[:, P:]
     if responses.shape[1] == 0:  # max_new_tokens reached 0 tokens: keep one column so shapes stay valid
         responses = torch.full((out.shape[0], 1), eos[0], dtype=out.dtype, device=out.device)
         out = torch.cat([out, responses], 1)
     rmask = response_mask_from(responses, eos)
-    attention = torch.cat([attn, rmask.long()], 1)
+    attention = torch.cat([rows_attn, rmask.long()], 1)
     return Rollout(input_ids=out, attention_mask=attention, response_mask=rmask, prompt_len=P)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from minioprd.rollout import response_mask_from, rollout
+from minioprd.rollout import response_mask_from, rollout, rollout_notes
 
 
 def test_response_mask_stops_after_first_eos_even_when_pad_is_eos():
@@ -86,3 +87,163 @@ def test_greedy_rollout_is_padding_invariant(tiny_dirs, tiny_tokenizer):
     alone = rollout(model, tiny_tokenizer, [short], n=1, temperature=0.0, max_new_tokens=10)
     n = int(alone.response_mask[0].sum())
     assert both.responses[0, :n].tolist() == alone.responses[0, :n].tolist()
+
+
+# --- speed-ups: each must leave the rollout what it was -------------------------------------------------------
+
+_PROMPTS = ("What is 1+2?", "Hi", "What is 45+67? Please reason step by step.", "a")
+
+
+def _prompts(tok):
+    return [tok(t)["input_ids"] for t in _PROMPTS]
+
+
+def _same(a, b):
+    assert a.prompt_len == b.prompt_len
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.attention_mask, b.attention_mask)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(a.position_ids(), b.position_ids())
+
+
+def test_greedy_rollout_identical_with_static_cache_and_shared_prefill(tiny_dirs, tiny_tokenizer):
+    model = _load(tiny_dirs)
+    prompts = _prompts(tiny_tokenizer)
+    ref = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=12, share_prefill=False)
+    assert ref.responses.shape[1] == 12  # long enough to compare many decode steps
+    for cache in ("dynamic", "static"):
+        for share in (False, True):
+            _same(rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=12, cache=cache,
+                          share_prefill=share), ref)
+    assert rollout_notes(model) == [] and model._minioprd_cache_len == 128  # the static cache really ran
+
+
+def test_sampled_rollout_same_tokens_for_same_seed_with_speedups(tiny_dirs, tiny_tokenizer):
+    """Sampling draws the same random numbers in the same order with each speed-up, on the same distribution
+    (up to float rounding), so the same seed gives the same tokens on a small model."""
+    model = _load(tiny_dirs)
+    prompts = _prompts(tiny_tokenizer)
+    runs = []
+    for cache, share in (("dynamic", False), ("dynamic", True), ("static", True)):
+        torch.manual_seed(3)
+        runs.append(rollout(model, tiny_tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=10, cache=cache,
+                            share_prefill=share))
+    for other in runs[1:]:
+        _same(other, runs[0])
+    torch.manual_seed(4)  # and a different seed really samples something else
+    other = rollout(model, tiny_tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=10)
+    assert not torch.equal(other.input_ids, runs[0].input_ids)
+
+
+def test_n_responses_share_one_prefill(tiny_dirs, tiny_tokenizer):
+    """With n > 1 each prompt is prefilled once: the prefill forward sees the distinct prompts, not n copies."""
+    model = _load(tiny_dirs)
+    prompts = _prompts(tiny_tokenizer)
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    try:
+        for share in (False, True):
+            calls.clear()
+            rollout(model, tiny_tokenizer, prompts, n=3, temperature=0.0, max_new_tokens=4, share_prefill=share)
+            P = max(map(len, prompts))
+            prefills = [c for c in calls if c[1] > 1]
+            if share:  # one forward over the 4 distinct prompts (all but their last token), then 1-token steps
+                assert prefills == [(4, P - 1)]
+                assert calls[1:] == [(12, 1)] * 4
+            else:  # the 12 rows prefilled together
+                assert prefills == [(12, P)]
+                assert calls[1:] == [(12, 1)] * 3
+    finally:
+        hook.remove()
+
+
+
+
+def test_early_eos_masks_unchanged_and_batch_stops(tiny_dirs, tiny_tokenizer):
+    """Rows that hit EOS early keep the same response masks with every speed-up, and the batch stops as soon as
+    every row has hit EOS (not at max_new_tokens)."""
+    model = _load(tiny_dirs)
+    eos = tiny_tokenizer.eos_token_id
+    prompts = _prompts(tiny_tokenizer)
+    ref = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=40, share_prefill=False)
+    # boost EOS until some rows (not all) end early in the plain greedy rollout
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.get_input_embeddings().weight)
+        head.bias.zero_()
+    model.lm_head, model.config.tie_word_embeddings = head, False
+    for bias in (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0):
+        with torch.no_grad():
+            head.bias[eos] = bias
+        ref = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=40, share_prefill=False)
+        lengths = ref.lengths.tolist()
+        if min(lengths) < 40 and len(set(lengths)) > 1:
+            break
+    assert min(lengths) < ref.responses.shape[1] and len(set(lengths)) > 1, lengths  # ragged early EOS
+    for cache in ("dynamic", "static"):
+        _same(rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=40, cache=cache), ref)
+    with torch.no_grad():
+        head.bias[eos] = 1e4  # every row ends at once: the batch must stop after one step
+    for cache in ("dynamic", "static"):
+        ro = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=40, cache=cache)
+        assert ro.responses.shape[1] == 1 and ro.lengths.tolist() == [1] * 8
+
+
+def test_static_cache_falls_back_with_one_note(tiny_dirs, tiny_tokenizer, caplog):
+    """A model transformers cannot run with a static cache gets the dynamic one, the same tokens and one note."""
+    from minioprd.rollout import rollout_notes
+
+    model = _load(tiny_dirs)
+    prompts = _prompts(tiny_tokenizer)
+    ref = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=6)
+    model._can_compile_fullgraph = False  # as for an architecture without static-cache support
+    with caplog.at_level("WARNING", logger="minioprd.rollout"):
+        for _ in range(2):
+            _same(rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=6, cache="static",
+                          compile=True), ref)
+    notes = rollout_notes(model)
+    assert len(notes) == 1 and "dynamic cache" in notes[0]
+    assert sum("rollout:" in r.message for r in caplog.records) == 1  # said once, not every step
+
+
+def _compiled_rollouts_match(model, tok, monkeypatch):
+    """Greedy rollouts with the compiled decode step equal the plain ones, and prompts of another length (in the
+    same cache bucket) or the next call reuse the compiled step: no recompilation across steps."""
+    import minioprd.rollout as R
+
+    compiled = []
+
+    def backend(gm, example_inputs):  # counts each graph dynamo hands to the backend, then runs it as traced
+        compiled.append(len(gm.graph.nodes))
+        return gm.forward
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(R, "COMPILE_BACKEND", backend)
+    prompts = _prompts(tok)
+    counts = []
+    for batch in (prompts, [p[:3] + p for p in prompts], prompts):  # P changes between calls, B stays
+        ref = rollout(model, tok, batch, n=2, temperature=0.0, max_new_tokens=10, share_prefill=False)
+        _same(rollout(model, tok, batch, n=2, temperature=0.0, max_new_tokens=10, cache="static", compile=True), ref)
+        counts.append(len(compiled))
+    assert R.rollout_notes(model) == []
+    return counts
+
+
+def test_compiled_decode_step_identical_and_not_recompiled(tiny_dirs, tiny_tokenizer, monkeypatch):
+    """Through dynamo with a counting backend (fast); the real inductor build is the slow test below."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _load(tiny_dirs)
+    counts = _compiled_rollouts_match(model, tiny_tokenizer, monkeypatch)
+    assert counts[0] > 0 and counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+@pytest.mark.slow
+def test_inductor_compiled_rollout_identical(tiny_dirs, tiny_tokenizer):
+    """torch.compile with inductor (minutes of CPU the first time): same greedy tokens as uncompiled."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    _compiled_rollouts_match(_load(tiny_dirs), tiny_tokenizer, None)
