@@ -247,17 +247,94 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
             "machine": _machine(device), "rows": rows}
 
 
-def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: int = 64, new_tokens: int = 64,
-                      device: str = "cpu", repeats: int = 2, threads: int = 0, log: Any = print) -> dict[str, Any]:
-    """Generated tokens/s of minioprd's rollout vs a bare `generate` on the same LoRA model and prompts,
-    and with the LoRA weights merged for the rollout (unmerged after)."""
+# `minioprd bench rollout` settings: each adds one speed-up to the one before; `bare_generate` is the reference.
+ROLLOUT_SETTINGS: dict[str, dict[str, Any]] = {
+    "plain": dict(cache="dynamic", compile=False, share_prefill=False, merge_lora=False),
+    "shared": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=False),
+    "merged": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=True),
+    "static": dict(cache="static", compile=False, share_prefill=True, merge_lora=True),
+    "compiled": dict(cache="static", compile=True, share_prefill=True, merge_lora=True),
+    "compiled_unmerged": dict(cache="static", compile=True, share_prefill=True, merge_lora=False),
+}
+
+# Memory bandwidth of GPUs by name (GB/s, vendors' figures); a card not listed is measured with a copy.
+GPU_BANDWIDTH_GBS = {"T4": 320, "L4": 300, "A10G": 600, "A10": 600, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935,
+                     "A100": 1555, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "L40S": 864, "V100": 900,
+                     "P100": 732, "RTX 3060": 360, "RTX 3070": 448, "RTX 3080": 760, "RTX 3090": 936,
+                     "RTX 4060 Ti": 288, "RTX 4070": 504, "RTX 4080": 717, "RTX 4090": 1008, "RTX A4000": 448,
+                     "RTX A6000": 768}
+
+
+def copy_bandwidth(device: str, mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), best of `repeats`: what the memory system delivers."""
+    import torch
+
+    a = torch.ones(mb * 2**18, device=device)  # mb MiB of fp32
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def device_bandwidth(device: str) -> tuple[float, str]:
+    """(bytes/s, where the figure comes from): a GPU's figure from GPU_BANDWIDTH_GBS, else a copy benchmark."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key in sorted(GPU_BANDWIDTH_GBS, key=len, reverse=True):  # the most specific name first
+            if key in name:
+                return GPU_BANDWIDTH_GBS[key] * 1e9, f"{name}: vendor figure {GPU_BANDWIDTH_GBS[key]} GB/s"
+        return copy_bandwidth(device), f"{name}: not in the table, measured with a copy"
+    return copy_bandwidth(device), "measured with a copy benchmark"
+
+
+def decode_step_bytes(model: Any, rows: int, context: float) -> float:
+    """Bytes one decode step must read: every weight once (the tied embedding once, as the LM head) and the KV
+    cache of `rows` sequences at `context` positions."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # shared (tied) ones once
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elt = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    kv = cfg.num_hidden_layers * 2 * rows * cfg.num_key_value_heads * head_dim * elt * context
+    return weights + kv
+
+
+def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: int = 64, new_tokens: int = 128,
+                      device: str = "cpu", repeats: int = 2, threads: int = 0, n: int = 2,
+                      settings: tuple[str, ...] = tuple(ROLLOUT_SETTINGS), log: Any = print) -> dict[str, Any]:
+    """Tokens/s and decode steps/s of minioprd's rollout under each setting vs a bare `generate`, on the same
+    LoRA model (random weights at the real shape of `arch`) and prompts, with the bandwidth bound.
+
+    `batch` prompts x `n` responses x `new_tokens` (random weights never pick EOS: equal work everywhere). Each
+    setting runs once untimed (its first call compiles where it compiles), then `repeats` times, each from the
+    same seed, so its tokens can be compared with `plain` (every speed-up off). The bound: a decode step cannot
+    be faster than reading every weight and the KV cache once from memory; `fraction_of_bound` is the decode
+    steps/s reached (prefill included) over that bound.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from minioprd.errors import MinioprdError
     from minioprd.models import pick_dtype
-    from minioprd.rollout import rollout
+    from minioprd.rollout import rollout, rollout_notes
 
+    bad = [s for s in settings if s not in ROLLOUT_SETTINGS]
+    if bad or not settings:
+        raise MinioprdError(f"unknown --settings {','.join(bad) or '(none)'}: choose from all, "
+                            f"{', '.join(ROLLOUT_SETTINGS)}")
+    if min(batch, n, prompt_len, new_tokens, repeats) < 1:
+        raise MinioprdError(f"--batch, --n, --prompt-len, --response-len and --repeats must be >= 1, got {batch}, "
+                            f"{n}, {prompt_len}, {new_tokens}, {repeats}")
+    _check({"--student": arch}, ())
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = build_config(arch)
@@ -266,6 +343,10 @@ def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: in
     with torch.device(dev):
         base = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    with torch.no_grad():  # peft starts B at zero: make the adapter change the outputs, as after some training
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
 
     class Tok:  # just enough tokenizer for rollout(): left padding of equal-length prompts
         pad_token_id, eos_token_id = 0, None
@@ -276,35 +357,72 @@ def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: in
 
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, cfg.vocab_size, (batch, prompt_len), generator=g)
-    model.generation_config.eos_token_id = None  # random weights: never stop early, equal work per variant
+    rows = batch * n
+    model.generation_config.eos_token_id = None  # random weights: never stop early, equal work per setting
 
-    def bare() -> int:
-        out = model.generate(input_ids=prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=0,
-                             pad_token_id=0, use_cache=True)
-        return out.shape[1] - prompt_len
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
-    def ours() -> int:
-        return int(rollout(model, Tok(), prompts.tolist(), n=1, max_new_tokens=new_tokens).response_mask.sum())
+    def bare() -> torch.Tensor:
+        ids = prompts.repeat_interleave(n, 0).to(dev)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=True, top_k=0, pad_token_id=0, use_cache=True)
+        return out[:, prompt_len:]
 
-    def merged() -> int:
-        model.merge_adapter()
+    def ours(setting: dict[str, Any]) -> torch.Tensor:
+        opts = {k: v for k, v in setting.items() if k != "merge_lora"}
+        if setting["merge_lora"]:
+            model.merge_adapter()
         try:
-            return ours()
+            return rollout(model, Tok(), prompts.tolist(), n=n, max_new_tokens=new_tokens, **opts).responses
         finally:
-            model.unmerge_adapter()
+            if setting["merge_lora"]:
+                model.unmerge_adapter()
 
-    res = {}
-    for name, fn in (("bare_generate", bare), ("minioprd_rollout", ours), ("rollout_lora_merged", merged)):
-        fn()  # warm-up
-        t0, toks = time.perf_counter(), 0
+    bandwidth, source = device_bandwidth(device)
+    step_bytes = decode_step_bytes(model, rows, prompt_len + new_tokens / 2)
+    bound = bandwidth / step_bytes  # decode steps/s
+    log(f"bandwidth {bandwidth / 1e9:.1f} GB/s ({source}); a decode step reads {step_bytes / 1e9:.3f} GB: "
+        f"bound {bound:.2f} steps/s = {bound * rows:.1f} tokens/s")
+    results, outputs = [], {}
+    for name in ("bare_generate", *settings):
+        fn = bare if name == "bare_generate" else (lambda s=ROLLOUT_SETTINGS[name]: ours(s))
+        torch.manual_seed(0)
+        sync()
+        t0 = time.perf_counter()
+        fn()  # warm-up; compiles where the setting compiles
+        sync()
+        first = time.perf_counter() - t0
+        times = []
         for _ in range(repeats):
-            toks += fn() * (batch if name == "bare_generate" else 1)
-        res[name] = toks / (time.perf_counter() - t0)
-        log(f"{name}: {res[name]:.1f} tokens/s")
-    return {"bench": "rollout", "arch": arch, "device": device, "machine": _machine(device), "tokens_per_s": res,
-            "overhead_vs_bare": res["bare_generate"] / res["minioprd_rollout"] - 1,
-            "merged_speedup": res["rollout_lora_merged"] / res["minioprd_rollout"]}
+            torch.manual_seed(0)
+            sync()
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        seconds, steps = sum(times) / repeats, outputs[name].shape[1]
+        row = {"setting": name, "options": ROLLOUT_SETTINGS.get(name), "seconds": seconds, "first_call_s": first,
+               "tokens": rows * steps, "decode_steps": steps, "tokens_per_s": rows * steps / seconds,
+               "decode_steps_per_s": steps / seconds, "fraction_of_bound": steps / seconds / bound}
+        results.append(row)
+        log(f"{name}: {row['tokens_per_s']:.1f} tokens/s, {row['decode_steps_per_s']:.2f} decode steps/s "
+            f"({100 * row['fraction_of_bound']:.0f}% of the bound), first call {first:.1f} s")
+    for r in results:
+        r["speedup_vs_bare"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
+        # same seed everywhere: the share of tokens equal to plain's (every speed-up off) shows the rollout unchanged
+        ref, out = outputs.get("plain"), outputs[r["setting"]]
+        r["same_tokens_as_plain"] = float((out == ref).float().mean()) if ref is not None and out.shape == ref.shape \
+            else None
+    fastest = max(results[1:] or results, key=lambda r: r["tokens_per_s"])
+    return {"bench": "rollout", "arch": arch, "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "machine": _machine(device), "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "prompts": batch, "n": n, "rows": rows, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "repeats": repeats, "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_source": source,
+            "bytes_per_decode_step": step_bytes, "bound_decode_steps_per_s": bound,
+            "bound_tokens_per_s": bound * rows, "rows_by_setting": results, "fastest": fastest["setting"],
+            "fastest_speedup_vs_bare": fastest["speedup_vs_bare"], "notes": rollout_notes(model)}
 
 
 def _random_model_dir(arch: str, out: Path, tok: Any, seed: int) -> Path:

@@ -282,7 +282,8 @@ def eval_(
 @app.command("bench")
 def bench(
     what: Annotated[str, typer.Argument(help="update (per-objective update cost, paper Table 3), rollout "
-                                             "(tokens/s vs bare generate, with and without merged LoRA) or step "
+                                             "(tokens/s of each rollout speed-up vs bare generate and the memory "
+                                             "bandwidth bound) or step "
                                              "(whole distill steps: rollout / teacher / update shares).")],
     student: Annotated[str, typer.Option(help="Student shape (random weights at the real config): qwen2.5-0.5b, "
                                               "-1.5b, -3b, -7b, qwen3-0.6b, -1.7b, -4b, -8b, tiny.")]
@@ -296,8 +297,12 @@ def bench(
     response_len: Annotated[Optional[int], typer.Option(help="Response tokens (update; default 512) / new tokens "
                                                              "(rollout, step; default 128).", show_default=False)]
     = None,
-    steps: Annotated[int, typer.Option(help="Measured updates (steps for `step`) per objective, after one "
-                                            "warm-up.")] = 1,
+    steps: Annotated[int, typer.Option(help="Measured updates (steps for `step`, rollouts for `rollout`) per "
+                                            "objective or setting, after one warm-up.")] = 1,
+    n: Annotated[int, typer.Option("--n", help="`rollout`: responses per prompt.")] = 2,
+    settings: Annotated[str, typer.Option(help="`rollout`: comma-separated settings to compare with bare generate, "
+                                               "or all: plain, shared, merged, static, compiled, "
+                                               "compiled_unmerged.")] = "all",
     topk: Annotated[int, typer.Option(help="k of opd_topk.")] = 16,
     chunk: Annotated[int, typer.Option(help="Rows per OPD logits chunk.")] = 512,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -358,10 +363,29 @@ def bench(
                                 for k in ("rollout", "teacher", "update")), f"{r['tokens_per_s']:.1f}")
             console.print(table)
         elif what == "rollout":
-            res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, threads=threads,
-                                    log=say)
-            say(f"rollout overhead vs bare generate: {100 * res['overhead_vs_bare']:+.1f}%; merged LoRA: "
-                f"{res['merged_speedup']:.2f}x tokens/s")
+            from minioprd.bench import ROLLOUT_SETTINGS
+
+            names = tuple(ROLLOUT_SETTINGS) if settings.strip() == "all" else \
+                tuple(x.strip() for x in settings.split(",") if x.strip())
+            res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, repeats=steps,
+                                    threads=threads, n=n, settings=names, log=say)
+            table = Table(title=f"rollout, {student} shape, {batch} prompts x {n} x {res['new_tokens']} new tokens, "
+                                f"{res['dtype']}, {res['machine']}"
+                                + (f", {res['threads']} threads" if res["threads"] else ""))
+            for col in ("setting", "tokens/s", "decode steps/s", "vs bare", "of bound", "first call s",
+                        "same tokens"):
+                table.add_column(col, justify="right")
+            for r in res["rows_by_setting"]:
+                same = "" if r["same_tokens_as_plain"] is None else f"{100 * r['same_tokens_as_plain']:.0f}%"
+                table.add_row(r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['decode_steps_per_s']:.2f}",
+                              f"{r['speedup_vs_bare']:.2f}x", f"{100 * r['fraction_of_bound']:.0f}%",
+                              f"{r['first_call_s']:.1f}", same)
+            console.print(table)
+            say(f"bound: {res['bytes_per_decode_step'] / 1e9:.3f} GB per decode step / {res['bandwidth_gb_s']:.1f} "
+                f"GB/s ({res['bandwidth_source']}) = {res['bound_decode_steps_per_s']:.2f} steps/s; fastest: "
+                f"{res['fastest']} at {res['fastest_speedup_vs_bare']:.2f}x bare generate")
+            for note in res["notes"]:
+                say(f"note: {note}")
         else:
             raise MinioprdError(f"unknown bench {what!r}: choose update, rollout or step")
         if output is not None:

@@ -98,8 +98,18 @@ class RolloutConfig:
     micro_batch: int = _f(0, "Sequences per forward/backward in the update (0 = all at once); gradients "
                           "are accumulated over micro-batches.", min=0)
     merge_lora: bool = _f(False, "Merge the LoRA weights into the base for the rollout and unmerge after "
-                          "(faster generation; unquantized base only; `minioprd bench rollout` measures it). "
-                          "Merge/unmerge rounding moves the base weights by ~1e-7 per step.")
+                          "(faster uncompiled generation; unquantized base only; `minioprd bench rollout` measures "
+                          "it). Merge/unmerge rounding moves the base weights a little every step (~1e-7 in fp32, "
+                          "~1e-3 relative in fp16), so it is off.")
+    cache: str = _f("auto", "KV cache for rollouts: static (preallocated, lengths rounded up to 128 so every step "
+                    "has the same shapes: what compile needs), dynamic (grows per token), or auto (static on a GPU, "
+                    "dynamic on a CPU). Falls back to dynamic, with a note, where a model does not support it.",
+                    choices=("auto", "static", "dynamic"))
+    compile: str = _f("auto", "torch.compile the decode step (needs the static cache; the first rollout compiles, "
+                      "a minute or more): true, false, or auto (on a GPU only). Skipped with a note where the "
+                      "weights cannot be compiled (a bitsandbytes 4-bit student).", choices=("auto", "true", "false"))
+    share_prefill: bool = _f(True, "The n responses of a prompt share one prefill of it (its KV cache is repeated "
+                             "after the prefill); same tokens as n separate prefills.")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from minioprd.errors import MinioprdError
 from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from minioprd.fit import fit_to_card
 from minioprd.layers import layer_map, position_mask, state_window
-from minioprd.rollout import Rollout, rollout
+from minioprd.rollout import Rollout, rollout, rollout_options
 
 
 @dataclass
@@ -403,7 +403,7 @@ def fit_projections(s: Setup, log: Any = print, ro: Rollout | None = None) -> li
         try:
             ro = rollout(s.student, s.tokenizer, s.prompts[:cfg.rollout.prompts_per_step], n=cfg.rollout.n,
                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                         max_new_tokens=cfg.rollout.max_new_tokens)
+                         max_new_tokens=cfg.rollout.max_new_tokens, **rollout_options(cfg.rollout, s.device))
         finally:
             torch.random.set_rng_state(g)
     selected = position_mask(ro.response_mask, lc.positions, lc.k)  # (B, R)
@@ -749,7 +749,7 @@ def _train_step(s: Setup, cfg: Config, step: int, sampler: Any, optimizer: Any, 
     try:
         ro = rollout(s.student, s.tokenizer, [s.prompts[i] for i in idx], n=cfg.rollout.n,
                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                     max_new_tokens=cfg.rollout.max_new_tokens)
+                     max_new_tokens=cfg.rollout.max_new_tokens, **rollout_options(cfg.rollout, s.device))
     finally:
         if merge:
             s.student.unmerge_adapter()

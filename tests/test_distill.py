@@ -199,6 +199,20 @@ def test_merge_lora_for_rollouts_unmerges_after(tmp_path):
             torch.testing.assert_close(p.detach(), base[n], rtol=0, atol=1e-5)
 
 
+def test_rollout_speedups_leave_the_run_unchanged(tmp_path):
+    """rollout.cache / rollout.share_prefill reach the rollout and change nothing the run computes: the same
+    seed samples the same responses, so the losses and response lengths match step for step."""
+    rows = {}
+    for name, over in {"plain": ["rollout.cache=dynamic", "rollout.share_prefill=false"],
+                       "fast": ["rollout.cache=static", "rollout.share_prefill=true", "rollout.compile=false"]}.items():
+        out = tmp_path / name
+        r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "2", *over])
+        assert r.exit_code == 0, r.output
+        rows[name] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "response_len", "distinct"):
+        assert [x[key] for x in rows["fast"]] == pytest.approx([x[key] for x in rows["plain"]], rel=1e-5)
+
+
 def test_report_to_tensorboard_gets_the_same_numbers(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -221,12 +221,14 @@ def _compiled_rollouts_match(model, tok, monkeypatch):
     if monkeypatch is not None:
         monkeypatch.setattr(R, "COMPILE_BACKEND", backend)
     prompts = _prompts(tok)
-    counts = []
+    counts, ptrs = [], []
     for batch in (prompts, [p[:3] + p for p in prompts], prompts):  # P changes between calls, B stays
         ref = rollout(model, tok, batch, n=2, temperature=0.0, max_new_tokens=10, share_prefill=False)
         _same(rollout(model, tok, batch, n=2, temperature=0.0, max_new_tokens=10, cache="static", compile=True), ref)
         counts.append(len(compiled))
+        ptrs.append(model._minioprd_static_cache.layers[0].keys.data_ptr())
     assert R.rollout_notes(model) == []
+    assert len(set(ptrs)) == 1  # one cache, reset between calls: CUDA graphs recorded for its addresses stay valid
     return counts
 
 
@@ -247,3 +249,16 @@ def test_inductor_compiled_rollout_identical(tiny_dirs, tiny_tokenizer):
 
     torch._dynamo.reset()
     _compiled_rollouts_match(_load(tiny_dirs), tiny_tokenizer, None)
+
+
+def test_rollout_options_auto_means_static_compiled_on_gpu_only():
+    from minioprd.config import RolloutConfig
+    from minioprd.rollout import rollout_options
+
+    rc = RolloutConfig()
+    assert rollout_options(rc, "cpu") == {"cache": "dynamic", "compile": False, "share_prefill": True}
+    assert rollout_options(rc, "cuda:0") == {"cache": "static", "compile": True, "share_prefill": True}
+    rc.cache, rc.compile, rc.share_prefill = "static", "true", False
+    assert rollout_options(rc, "cpu") == {"cache": "static", "compile": True, "share_prefill": False}
+    rc.compile = "false"
+    assert rollout_options(rc, "cuda") == {"cache": "static", "compile": False, "share_prefill": False}
