@@ -376,7 +376,7 @@ def bench(
                         "same tokens"):
                 table.add_column(col, justify="right")
             for r in res["rows_by_setting"]:
-                same = "" if r["same_tokens_as_plain"] is None else f"{100 * r['same_tokens_as_plain']:.0f}%"
+                same = f"{100 * r['same_tokens_as_bare']:.0f}%"
                 table.add_row(r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['decode_steps_per_s']:.2f}",
                               f"{r['speedup_vs_bare']:.2f}x", f"{100 * r['fraction_of_bound']:.0f}%",
                               f"{r['first_call_s']:.1f}", same)

@@ -57,13 +57,37 @@ def test_micro_batched_update_does_the_same_work():
     assert r.exit_code == 2 and "--micro-batch must be >= 0" in r.stderr
 
 
-def test_bench_rollout_and_bad_input(tmp_path):
+def test_bench_rollout_json_and_bad_input(tmp_path):
     out = tmp_path / "r.json"
-    r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--batch", "2", "--prompt-len", "4",
-                                 "--response-len", "6", "--threads", "1", "-o", str(out)])
+    r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--batch", "2", "--n", "2", "--prompt-len",
+                                 "4", "--response-len", "6", "--threads", "1", "--settings", "plain,shared,static",
+                                 "-o", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert set(res["tokens_per_s"]) == {"bare_generate", "minioprd_rollout", "rollout_lora_merged"}
+    assert res["bench"] == "rollout" and (res["prompts"], res["n"], res["rows"]) == (2, 2, 4)
+    assert [row["setting"] for row in res["rows_by_setting"]] == ["bare_generate", "plain", "shared", "static"]
+    # the bound: every weight (tied embedding once) and the KV cache at the mean context, over the bandwidth
+    from minioprd.bench import build_config
+
+    c = build_config("tiny")
+    params = c.vocab_size * c.hidden_size + c.num_hidden_layers * (
+        c.hidden_size * (c.hidden_size + 2 * 32) + (c.hidden_size + 2 * 32) + c.hidden_size ** 2  # q,k,v, biases, o
+        + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size) + c.hidden_size  # mlp, norms; final norm
+    lora = c.num_hidden_layers * 16 * sum(i + o for i, o in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128),
+                                                              (64, 128), (128, 64)])
+    kv = c.num_hidden_layers * 2 * 4 * c.num_key_value_heads * 16 * (4 + 6 / 2)
+    assert res["bytes_per_decode_step"] == 4 * (params + lora + kv)
+    assert res["bound_decode_steps_per_s"] == pytest.approx(res["bandwidth_gb_s"] * 1e9 / res["bytes_per_decode_step"])
+    for row in res["rows_by_setting"]:
+        assert row["decode_steps"] == 6 and row["tokens"] == 24  # random weights never stop early
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+        assert row["fraction_of_bound"] == pytest.approx(row["decode_steps_per_s"] / res["bound_decode_steps_per_s"])
+        assert row["same_tokens_as_bare"] == 1.0  # same seed, same tokens: each speed-up leaves the rollout as is
+        assert len(row["all_seconds"]) == 1 and row["seconds"] == min(row["all_seconds"])
+    assert res["rows_by_setting"][0]["speedup_vs_bare"] == 1.0 and res["notes"] == []
+    assert "static" in r.stdout and "bound" in r.stdout
+    r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--settings", "plain,turbo"])
+    assert r.exit_code == 2 and "unknown --settings turbo" in r.stderr
     r = CliRunner().invoke(app, ["bench", "update", "--student", "gpt-9"])
     assert r.exit_code == 2 and "unknown --student shape" in r.stderr
 
