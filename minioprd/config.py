@@ -22,6 +22,7 @@ from minioprd.errors import ConfigError
 
 LAYER_SETS = ("all", "last", "even", "odd")
 POSITION_SETS = ("all", "last", "last_k", "first_k")
+CACHE_BUCKET = 128  # static KV cache lengths are rounded up to this, so other prompt lengths reuse a compiled step
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -101,9 +102,10 @@ class RolloutConfig:
                           "(faster uncompiled generation; unquantized base only; `minioprd bench rollout` measures "
                           "it). Merge/unmerge rounding moves the base weights a little every step (~1e-7 in fp32, "
                           "~1e-3 relative in fp16), so it is off.")
-    cache: str = _f("auto", "KV cache for rollouts: static (preallocated, lengths rounded up to 128 so every step "
-                    "has the same shapes: what compile needs), dynamic (grows per token), or auto (static on a GPU, "
-                    "dynamic on a CPU). Falls back to dynamic, with a note, where a model does not support it.",
+    cache: str = _f("auto", f"KV cache for rollouts: static (preallocated, length rounded up to {CACHE_BUCKET}, kept "
+                    "between steps, so every step has the same shapes: what compile needs), dynamic (grows per "
+                    "token), or auto (static on a GPU, dynamic on a CPU). Falls back to dynamic, with a note, where "
+                    "a model does not support it.",
                     choices=("auto", "static", "dynamic"))
     compile: str = _f("auto", "torch.compile the decode step (needs the static cache; the first rollout compiles, "
                       "a minute or more): true, false, or auto (on a GPU only). Skipped with a note where the "

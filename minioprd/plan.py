@@ -10,6 +10,7 @@ The estimate follows what `distill.py` actually allocates, per card:
              the blocks' linear layers; embeddings, lm_head and norms stay in the checkpoint dtype),
              student weights, LoRA params and AdamW moments (fp32), projections Linear(d_S->d_T) + AdamW
     rollout  KV cache  L_S x 2 x kv_heads x head_dim x B x (P + R) x bytes, plus prefill / sampling temporaries
+             (a static KV cache, rollout.cache=static or auto on a GPU, is static: kept between steps)
     update   per micro-batch: fp32 grads; teacher targets kept (mapped layers x mb x (P+R) x d_T: the capture
              hooks keep a view of each layer output, so the whole (mb, P+R, d_T) storage stays alive); the
              teacher's one-layer forward temporaries; the student's saved activations up to its deepest
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minioprd.config import Config
+from minioprd.config import CACHE_BUCKET, Config
 from minioprd.errors import MinioprdError
 
 GIB = 1024**3
@@ -581,8 +582,16 @@ def _fill(p: Plan, cfg: Config) -> None:
     # ---- rollout: KV cache and generate's temporaries
     phases: list[dict[str, float]] = [dict() for _ in range(p.cards)]
     kv_tok = s.layers * 2 * s.kv_dim * s_act  # bytes of cache per token
-    kv = add("rollout KV cache", kv_tok * B * T, "rollout", 0,
-             f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x (P={P} + R={R}) x {s_act} B")
+    # rollout.cache=static (auto on a GPU): allocated once for T rounded up to the bucket and kept between steps
+    static_kv = cfg.rollout.cache == "static" or (cfg.rollout.cache == "auto" and cuda)
+    if static_kv:
+        T_kv = -(-T // CACHE_BUCKET) * CACHE_BUCKET
+        kv = add("rollout KV cache (static, kept between steps)", kv_tok * B * T_kv, "static", 0,
+                 f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x {T_kv} (P={P} + R={R} rounded up to "
+                 f"{CACHE_BUCKET}) x {s_act} B")
+    else:
+        kv = add("rollout KV cache", kv_tok * B * T, "rollout", 0,
+                 f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x (P={P} + R={R}) x {s_act} B")
 
     def prefill_bytes(rows: int, cols: int, shape: ModelShape, act: int, cast: bool) -> float:
         """One block's no-grad temporaries over rows x cols tokens, plus the mask and SDPA's float copy."""
@@ -592,10 +601,10 @@ def _fill(p: Plan, cfg: Config) -> None:
 
     prefill = prefill_bytes(B, P, s, s_act, s_act != 4 and not full)
     sample = B * s.vocab * (s_act + 4 + 4 + 8)  # last-token logits, fp32 copy, probs, int64 scratch
-    growth = 2 * B * T * s.kv_dim * s_act  # DynamicCache grows by torch.cat: one layer's K and V copied
+    growth = 0 if static_kv else 2 * B * T * s.kv_dim * s_act  # DynamicCache grows by torch.cat: K, V copied
     roll_tr = add("rollout temporaries (prefill block / sampling)", max(prefill, sample + growth), "rollout", 0,
                   f"prefill {prefill / MIB:.0f} MiB vs sampling {(sample + growth) / MIB:.0f} MiB")
-    phases[0]["rollout"] = kv + roll_tr
+    phases[0]["rollout"] = (0 if static_kv else kv) + roll_tr
 
     # ---- update: per micro-batch
     grads = add(("student" if full else "LoRA") + " + projection grads", g_bytes * n_lora + 4 * n_proj, "update", 0)

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from minioprd.config import CACHE_BUCKET
+
 logger = logging.getLogger(__name__)
 
 CACHES = ("dynamic", "static")
-CACHE_BUCKET = 128  # static cache lengths are rounded up to this, so prompts of other lengths reuse the compiled step
 COMPILE_BACKEND: Any = "inductor"  # torch.compile backend of the decode step (tests count compilations with their own)
 
 

@@ -376,3 +376,22 @@ def test_recipe_is_headed_valid_and_dry_runs(recipe):
             assert peak in figures, (recipe.name, objective, p.to_dict()["peak_gib"], figures)
             assert p.fits, (recipe.name, objective, p.verdict())  # the T4 recipes: a 15 GiB card by the planner
             assert not (p.fit and p.fit.changed), (recipe.name, p.fit.summary())  # the recipe's settings fit as set
+
+
+def test_static_kv_cache_is_kept_between_steps_in_the_estimate():
+    """rollout.cache=static (auto on a GPU) allocates the KV cache once, rounded up to the bucket, and keeps it:
+    it counts in every phase, not only in the rollout's."""
+    from minioprd.config import CACHE_BUCKET
+    from minioprd.plan import plan
+
+    recipe = Path(__file__).parent.parent / "recipes" / "colab-t4-qwen2.5-7b-to-0.5b.yaml"
+    over = {"data.max_prompt_tokens": 500, "rollout.max_new_tokens": 1000}  # T = 1500, rounded up to 1536
+    dyn = plan(load_config(recipe, {**over, "rollout.cache": "dynamic"}), gpu="t4")
+    sta = plan(load_config(recipe, {**over, "rollout.cache": "static"}), gpu="t4")
+    assert plan(load_config(recipe, over), gpu="t4").peak() == sta.peak()  # auto on a GPU = static
+    kv_d = next(t for t in dyn.terms if t.name == "rollout KV cache")
+    kv_s = next(t for t in sta.terms if t.name.startswith("rollout KV cache (static"))
+    assert (kv_d.phase, kv_s.phase) == ("rollout", "static")
+    assert kv_s.bytes == pytest.approx(kv_d.bytes * (-(-1500 // CACHE_BUCKET) * CACHE_BUCKET) / 1500)
+    assert sta.phases[0]["rollout"] < dyn.phases[0]["rollout"] - kv_d.bytes * 0.99  # no cache, no cat growth
+    assert sta.phases[0]["update"] == dyn.phases[0]["update"]
