@@ -262,3 +262,25 @@ def test_rollout_options_auto_means_static_compiled_on_gpu_only():
     assert rollout_options(rc, "cpu") == {"cache": "static", "compile": True, "share_prefill": False}
     rc.compile = "false"
     assert rollout_options(rc, "cuda") == {"cache": "static", "compile": False, "share_prefill": False}
+
+
+def test_compile_skipped_with_one_note_for_weights_that_cannot_compile(tiny_dirs, tiny_tokenizer, monkeypatch):
+    """A quantizer transformers marks as not compilable (bitsandbytes 4-bit): the static cache stays, the decode
+    step runs uncompiled (nothing reaches the compile backend), one note says so."""
+
+    import minioprd.rollout as R
+
+    monkeypatch.setattr(R, "COMPILE_BACKEND", lambda gm, inputs: pytest.fail("compiled despite the quantizer"))
+    model = _load(tiny_dirs)
+    prompts = _prompts(tiny_tokenizer)
+    ref = rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=6)
+
+    class Bnb4BitHfQuantizer:  # stands in for transformers' own (is_compileable False for bitsandbytes 4-bit)
+        is_compileable = False
+
+    model.hf_quantizer = Bnb4BitHfQuantizer()
+    for _ in range(2):
+        _same(rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=6, cache="static",
+                      compile=True), ref)
+    assert R.rollout_notes(model) == ["Bnb4BitHfQuantizer weights cannot be compiled; decoding uncompiled"]
+    assert model._minioprd_cache_len == 128  # the static cache itself still ran
