@@ -116,8 +116,9 @@ def usable_speedups(model: torch.nn.Module, cache: str, compile: bool) -> tuple[
 
 def rollout_options(rc: Any, device: torch.device | str) -> dict[str, Any]:
     """rollout()'s speed-up arguments from the config's rollout section: `auto` is the static cache and a compiled
-    decode step on a GPU, the dynamic cache uncompiled on a CPU (compiling costs minutes there and `minioprd bench
-    rollout` measured no gain from it)."""
+    decode step on a GPU, the dynamic cache uncompiled on a CPU (where a real model's decode step is bound by
+    streaming its weights, the static cache measured no gain in `minioprd bench rollout`, and compiling takes
+    minutes)."""
     gpu = torch.device(device).type != "cpu"
     compile = gpu if rc.compile == "auto" else rc.compile in (True, "true")
     return {"cache": ("static" if gpu else "dynamic") if rc.cache == "auto" else rc.cache, "compile": compile,
