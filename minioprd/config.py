@@ -99,9 +99,9 @@ class RolloutConfig:
     micro_batch: int = _f(0, "Sequences per forward/backward in the update (0 = all at once); gradients "
                           "are accumulated over micro-batches.", min=0)
     merge_lora: bool = _f(False, "Merge the LoRA weights into the base for the rollout and unmerge after "
-                          "(faster uncompiled generation; unquantized base only; `minioprd bench rollout` measures "
-                          "it). Merge/unmerge rounding moves the base weights a little every step (~1e-7 in fp32, "
-                          "~1e-3 relative in fp16), so it is off.")
+                          "(unquantized base only; helps where generation is Python-bound, not at a real shape on "
+                          "a CPU: `minioprd bench rollout`). Merge/unmerge rounding moves the base weights a little "
+                          "every step (~1e-7 in fp32, more in fp16), so it is off.")
     cache: str = _f("auto", f"KV cache for rollouts: static (preallocated, length rounded up to {CACHE_BUCKET}, kept "
                     "between steps, so every step has the same shapes: what compile needs), dynamic (grows per "
                     "token), or auto (static on a GPU, dynamic on a CPU). Falls back to dynamic, with a note, where "
