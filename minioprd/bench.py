@@ -425,7 +425,8 @@ def run_rollout_bench(arch: str = "qwen2.5-0.5b", batch: int = 4, prompt_len: in
             "prompts": batch, "n": n, "rows": rows, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "repeats": repeats, "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_source": source,
             "bytes_per_decode_step": step_bytes, "bound_decode_steps_per_s": bound,
-            "bound_tokens_per_s": bound * rows, "rows_by_setting": results, "fastest": fastest["setting"],
+            "bound_tokens_per_s": bound * rows, "tokens_per_s": {r["setting"]: r["tokens_per_s"] for r in results},
+            "rows_by_setting": results, "fastest": fastest["setting"],
             "fastest_speedup_vs_bare": fastest["speedup_vs_bare"], "notes": rollout_notes(model)}
 
 

@@ -85,6 +85,7 @@ def test_bench_rollout_json_and_bad_input(tmp_path):
         assert row["same_tokens_as_bare"] == 1.0  # same seed, same tokens: each speed-up leaves the rollout as is
         assert len(row["all_seconds"]) == 1 and row["seconds"] == min(row["all_seconds"])
     assert res["rows_by_setting"][0]["speedup_vs_bare"] == 1.0 and res["notes"] == []
+    assert res["tokens_per_s"] == {row["setting"]: row["tokens_per_s"] for row in res["rows_by_setting"]}
     assert "static" in r.stdout and "bound" in r.stdout
     r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--settings", "plain,turbo"])
     assert r.exit_code == 2 and "unknown --settings turbo" in r.stderr

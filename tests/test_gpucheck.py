@@ -115,8 +115,9 @@ def test_cpu_mode_bench_and_merge_rows_carry_their_figures(cpu_check):
     assert u["memory_ratio"] == pytest.approx(u["opd_topk_peak_mb"] / max(u["oprd_peak_mb"], 1e-9))
     assert u["work_ratio"] > 1  # top-k OPD adds the LM head's work: counted, not timed
     r = by["bench_rollout"]
-    assert r["vs_bare/bare_generate"] == 1.0 and r["tokens_per_s/minioprd_rollout"] > 0
-    assert {"vs_bare/minioprd_rollout", "vs_bare/rollout_lora_merged"} <= set(r)
+    assert r["vs_bare/bare_generate"] == 1.0 and r["tokens_per_s/plain"] > 0
+    assert {"vs_bare/plain", "vs_bare/shared", "vs_bare/merged", "vs_bare/static"} <= set(r)
+    assert r["same_tokens/static"] == 1.0 and r["fraction_of_bound/plain"] > 0
     m = by["merge_qlora"]
     if doc["bitsandbytes"]:
         assert m["verified"] is True and m["dequantized"] is True and m["max_abs_diff"] <= m["tolerance"]
