@@ -410,10 +410,16 @@ def merge(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB, 5GB.")] = "2GB",
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also upload the verified directory "
                                                        "to this hub repo (USER/NAME).", show_default=False)] = None,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Also write OUT/<name>-<type>.gguf for llama.cpp/Ollama and "
+                                       "an Ollama Modelfile; with --verify it is run in llama.cpp when "
+                                       "llama-cpp-python is installed.")] = False,
+    gguf_type: Annotated[Optional[str], typer.Option(help="GGUF weights: f16, bf16 or q8_0 (implies --gguf; "
+                                                     "default f16).", show_default=False)] = None,
 ) -> None:
     """Merge a LoRA adapter into its base and write a standalone model (no peft needed to load it).
 
     [bold]minioprd merge --adapter runs/x/adapter --output merged/x --dtype bf16[/bold]
+    [bold]minioprd merge --adapter runs/x --output merged/x --gguf --gguf-type q8_0[/bold]
     """
 
     def go() -> None:
@@ -422,7 +428,8 @@ def merge(
 
         say = lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
         r = merge_adapter(adapter, output, base=base, dtype=dtype, force=force, verify=verify,
-                          max_shard_size=max_shard_size, push_to_hub=push_to_hub, log=say)
+                          max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                          gguf_type=gguf_type or ("f16" if gguf else None), log=say)
         check = (f"max |Δlogit| {r['max_abs_diff']:.3g} ≤ {r['tolerance']:.3g}" if r["verified"]
                  else "not verified (--no-verify)")
         size = r["size_bytes"] / 1e9
@@ -431,6 +438,10 @@ def merge(
             f"{f'{size:.2f} GB' if size >= 1 else f'{size * 1e3:.1f} MB'} in {r['shards']} shard(s); {check}; "
             f"{r['seconds']:.0f} s; peak RSS {r['peak_rss_mb'] / 1024:.1f} GiB "
             f"({r['peak_anon_mb'] / 1024:.1f} GiB not memory-mapped)", highlight=False, soft_wrap=True)
+        if r["gguf"]:
+            from minioprd.export_gguf import summary
+
+            console.print(summary(r), highlight=False, soft_wrap=True)
 
     run(go)
 

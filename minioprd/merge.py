@@ -39,6 +39,7 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -236,8 +237,8 @@ class MemoryMonitor:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def _base_quantization(path: str) -> dict[str, Any] | None:
-    """The quantization_config of a base checkpoint (local dir or cached hub id), if it has one."""
+def _base_config(path: str) -> dict[str, Any]:
+    """The config.json of a base checkpoint (local dir or cached hub id), or {} when there is none to read."""
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         with contextlib.suppress(Exception):
@@ -246,8 +247,13 @@ def _base_quantization(path: str) -> dict[str, Any] | None:
             cached = try_to_load_from_cache(path, "config.json")
             cfg_path = Path(cached) if isinstance(cached, str) else cfg_path
     if not cfg_path.is_file():
-        return None
-    qc = _read_json(cfg_path, "base config").get("quantization_config")
+        return {}
+    return _read_json(cfg_path, "base config")
+
+
+def _base_quantization(path: str) -> dict[str, Any] | None:
+    """The quantization_config of a base checkpoint, if it has one."""
+    qc = _base_config(path).get("quantization_config")
     return qc if isinstance(qc, dict) else None
 
 
@@ -350,16 +356,21 @@ def load_export_tokenizer(adapter_dir: Path, base_path: str) -> Any:
                         f"pass a --base that has its tokenizer")
 
 
-def prompt_ids(tok: Any, vocab_rows: int) -> list[Any]:
-    import torch
-
+def prompt_texts(tok: Any) -> list[str]:
+    """The fixed verification prompts, plus the chat prompt in the tokenizer's chat template if it has one."""
     texts = list(PROMPTS)
     if getattr(tok, "chat_template", None):
         with contextlib.suppress(Exception):
             texts.append(tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], tokenize=False,
                                                  add_generation_prompt=True))
+    return texts
+
+
+def prompt_ids(tok: Any, vocab_rows: int) -> list[Any]:
+    import torch
+
     out = []
-    for t in texts:
+    for t in prompt_texts(tok):
         ids = tok(t, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS]
         if ids and max(ids) < vocab_rows:
             out.append(torch.tensor([ids], dtype=torch.long))
@@ -657,12 +668,17 @@ def _check_push_possible(repo: str) -> None:
 
 def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = None, dtype: str = "bf16",
                   force: bool = False, verify: bool = True, max_shard_size: int | str = "2GB",
-                  push_to_hub: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  push_to_hub: str | None = None, gguf_type: str | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Merge a LoRA adapter into its base and write a standalone model to `output`; returns a report.
+
+    `gguf_type` (f16, bf16 or q8_0) also writes OUT/<name>-<type>.gguf and an Ollama Modelfile (export_gguf.py),
+    run in llama.cpp against transformers when `verify` and llama-cpp-python is installed.
 
     Report keys: adapter, base, dtype, output, dequantized, shards, size_bytes, max_abs_diff, tolerance,
     adapter_effect (max |logit change| the adapter makes; the check is only meaningful above the tolerance),
-    verified, seconds, peak_rss_mb, peak_anon_mb, pushed.
+    verified, seconds, peak_rss_mb, peak_anon_mb, pushed; gguf (path or None), gguf_size_bytes, gguf_check
+    (verify_gguf's report, or None when not run).
     """
     t0 = time.time()
     if dtype not in DTYPES:
@@ -676,6 +692,10 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
     check_output(output, force, keep)
     if push_to_hub:
         _check_push_possible(push_to_hub)
+    if gguf_type is not None:
+        from minioprd.export_gguf import check_request
+
+        check_request(_base_config(resolved.path), gguf_type)
 
     base_quant = _base_quantization(resolved.path)
     if base_quant is not None and not (base_quant.get("quant_method") == "bitsandbytes"
@@ -696,7 +716,8 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
 
     report: dict[str, Any] = {"adapter": str(adapter_dir), "base": resolved.path, "dtype": dtype,
                               "output": str(output), "dequantized": four_bit, "max_abs_diff": None,
-                              "tolerance": None, "adapter_effect": None, "verified": False, "pushed": None}
+                              "tolerance": None, "adapter_effect": None, "verified": False, "pushed": None,
+                              "gguf": None, "gguf_size_bytes": None, "gguf_check": None}
     with MemoryMonitor() as mem:
         t = time.time()
         model = load_base(resolved.path, dtype, four_bit)
@@ -706,6 +727,10 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
         tok = load_export_tokenizer(adapter_dir, resolved.path)
         plan = export_plan(pm, keys, dtype)
         need = sum(_nbytes(shape, _torch_dtype(dtype)) for _, shape, _ in plan)
+        if gguf_type is not None:
+            from minioprd.export_gguf import estimate_bytes
+
+            need += estimate_bytes(sum(math.prod(shape) for _, shape, _ in plan), gguf_type)
         _free_disk_check(output.parent, need)
         ref = None
         if verify:
@@ -730,6 +755,8 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
             _release_freed_memory()
             if verify:
                 _verify(tmp, dtype, prompts, ref, report, log)
+            if gguf_type is not None:
+                _gguf(tmp, output, gguf_type, verify, report, log)
             _share_permissions(tmp)
     report["peak_rss_mb"] = round(mem.peak_rss / 2**20)
     report["peak_anon_mb"] = round(mem.peak_anon / 2**20)
@@ -738,6 +765,28 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
         report["pushed"] = push(output, push_to_hub, log)
     report["seconds"] = round(time.time() - t0, 2)
     return report
+
+
+def _gguf(tmp: Path, output: Path, gguf_type: str, verify: bool, report: dict[str, Any],
+          log: Callable[[str], None]) -> None:
+    """GGUF + Modelfile next to the merged weights, run in llama.cpp when it is installed (and verify is on)."""
+    from transformers import AutoTokenizer
+
+    from minioprd.export_gguf import export_gguf, gguf_file_name, llama_cpp_available, modelfile_text, verify_gguf
+
+    tok = AutoTokenizer.from_pretrained(str(tmp))  # as written: what llama.cpp must reproduce
+    name = gguf_file_name(output, gguf_type)
+    res = export_gguf(tmp, tmp / name, gguf_type, log=log, tok=tok)
+    (tmp / "Modelfile").write_text(modelfile_text(tmp, name, tok=tok))
+    report.update(gguf=str(output / name), gguf_size_bytes=res["size_bytes"])
+    if not verify:
+        return
+    if not llama_cpp_available():
+        log("note: llama-cpp-python is not installed, so the GGUF was not run in llama.cpp (pip install "
+            "llama-cpp-python, then merge again to check it)")
+        return
+    report["gguf_check"] = verify_gguf(tmp / name, tmp, prompt_texts(tok), gguf_type, log=log,
+                                       max_prompt_tokens=MAX_PROMPT_TOKENS, tok=tok)
 
 
 def _verify(tmp: Path, dtype: str, prompts: list[Any], ref: list[Any], report: dict[str, Any],
