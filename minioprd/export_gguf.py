@@ -53,9 +53,10 @@ FAMILIES = {"Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", 
             "LlamaForCausalLM": ("llama", True)}
 SUPPORTED = "Qwen2/Qwen2.5, Qwen3 and Llama (Llama-3.x, SmolLM2)"
 # Tolerance on max |logit(llama.cpp) - logit(transformers, fp32)|, relative to s = max(1, max |logit|). llama.cpp
-# also rounds activations (to f16/bf16 in the matrix products, f16 in the KV cache); q8_0 adds ~0.4% per weight.
-# Measured (README, "Run it in llama.cpp / Ollama"): far below these on tiny models and SmolLM2-135M.
-GGUF_RTOL = {"f16": 2e-2, "bf16": 6e-2, "q8_0": 1e-1}
+# also rounds activations (to f16/bf16 in the matrix products, f16 in the KV cache); for q8_0 weights its CPU
+# kernels quantize the activations to 8 bits as well. Measured (README, "Run it in llama.cpp / Ollama"): f16
+# 0.1-0.2% of s, bf16 0.7-1.3%, q8_0 1.2-2.8% on tiny 2-layer models and 9.5% on SmolLM2-135M (30 layers).
+GGUF_RTOL = {"f16": 2e-2, "bf16": 6e-2, "q8_0": 2e-1}
 GREEDY_TOKENS = 32
 # Pre-tokenizer regexes as the model families' tokenizer.json files spell them.
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
