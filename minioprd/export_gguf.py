@@ -648,8 +648,8 @@ def summary(report: dict[str, Any]) -> str:
     """One line on the GGUF for the CLI, from merge_adapter's report."""
     chk = report.get("gguf_check")
     if chk:
-        check = (f"llama.cpp max |Δlogit| {chk['max_abs_diff']:.3g} ≤ {chk['tolerance']:.3g}, greedy tokens identical "
-                 f"{min(chk['greedy_match'])}/{chk['greedy_tokens']} or more on {chk['prompts']} prompts")
+        check = (f"llama.cpp max |Δlogit| {chk['max_abs_diff']:.3g} ≤ {chk['tolerance']:.3g}, identical greedy tokens "
+                 f"{','.join(map(str, chk['greedy_match']))} of {chk['greedy_tokens']}")
     else:
         check = "not run in llama.cpp" + (" (--no-verify)" if not report.get("verified") else
                                           " (llama-cpp-python is not installed)")
