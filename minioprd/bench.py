@@ -460,7 +460,7 @@ def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tu
     from minioprd.config import load_config
     from minioprd.distill import distill
     from minioprd.errors import MinioprdError
-    from minioprd.tiny import build_tokenizer
+    from minioprd.builtin.tiny import build_tokenizer
 
     teacher = teacher or arch
     _check({"--student": arch, "--teacher": teacher}, objectives)

@@ -34,10 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 from minioprd.errors import MinioprdError
-from minioprd.files import atomic_write_json, atomic_write_text, read_jsonl
+from minioprd.files import atomic_write_json, atomic_write_text, build_once, read_jsonl
 from minioprd.report import save_png
 
 PAIR_VERSION = "v1"
@@ -290,7 +288,7 @@ def build_pairs(target: Path, recipe: PairRecipe | None = None, log: Callable[[s
     docstring. `tick(model, step, total, figures)` reports progress."""
     from minioprd.data import arithmetic_solution
     from minioprd.sft import CEData, train_ce
-    from minioprd.tiny import build_tokenizer
+    from minioprd.builtin.tiny import build_tokenizer
 
     r = recipe or PairRecipe()
     tok = build_tokenizer()
@@ -361,7 +359,7 @@ def build_pairs(target: Path, recipe: PairRecipe | None = None, log: Callable[[s
 
 
 def demo_home() -> Path:
-    from minioprd.tiny import home
+    from minioprd.files import home
 
     return home() / "demo"
 
@@ -376,18 +374,8 @@ def ensure_pairs(recipe: PairRecipe | None = None, log: Callable[[str], None] = 
         shutil.rmtree(target)
     if (target / "pairs.json").is_file():
         return Pairs(target, json.loads((target / "pairs.json").read_text()))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        log(f"building the demo models into {target} (once; later runs load them)")
-        build_pairs(tmp, r, log=log, tick=tick)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first: theirs is as good as ours
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"building the demo models into {target} (once; later runs load them)")
+    build_once(target, lambda tmp: build_pairs(tmp, r, log=log, tick=tick), marker="pairs.json")
     return Pairs(target, json.loads((target / "pairs.json").read_text()))
 
 

@@ -12,9 +12,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from minioprd.errors import MinioprdError
+
+
+def home() -> Path:
+    """minioprd's cache: `$MINIOPRD_HOME`, default `~/.cache/minioprd` (builtin models, demo models)."""
+    return Path(os.environ.get("MINIOPRD_HOME", Path.home() / ".cache" / "minioprd"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,6 +83,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(target: str | Path, build: Callable[[Path], object], marker: str = "config.json") -> Path:
+    """A cached directory built at most once: `build(dir)` writes into a temporary sibling (a path that does not
+    exist yet) that is renamed to `target`; `target/marker` says it is complete. When two processes build at
+    once the first rename wins and the other's copy is dropped (theirs is as good as ours); a crash leaves only
+    a hidden temporary directory behind, never a half-built `target`."""
+    target = Path(target)
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        work = tmp / "out"
+        build(work)
+        try:
+            os.replace(work, target)
+        except OSError:  # another process built it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

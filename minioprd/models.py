@@ -51,7 +51,7 @@ def resolve_model(name: str, role: str = "model") -> ResolvedModel:
     Fails within seconds (not a 46-second hub timeout) when the model is neither local nor reachable.
     """
     if name.startswith("builtin:"):
-        from minioprd.tiny import builtin_model_dir
+        from minioprd.builtin import builtin_model_dir
 
         path = builtin_model_dir(name)
         return ResolvedModel(name, str(path), f"{role}: {name} (built offline at {path})")

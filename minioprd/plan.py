@@ -217,7 +217,7 @@ def model_shape(name: str) -> ModelShape:
     Offline: embedded configs first, then a local config.json, then the Hugging Face cache.
     """
     if name.startswith("builtin:"):
-        from minioprd.tiny import builtin_model_dir
+        from minioprd.builtin import builtin_model_dir
 
         return _read_config(builtin_model_dir(name) / "config.json", name)
     p = Path(name).expanduser()

@@ -27,7 +27,7 @@ def minioprd_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dirs(minioprd_home: Path) -> dict[str, Path]:
-    from minioprd.tiny import builtin_model_dir
+    from minioprd.builtin import builtin_model_dir
 
     return {"student": builtin_model_dir("builtin:tiny-student"), "teacher": builtin_model_dir("builtin:tiny-teacher")}
 

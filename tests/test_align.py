@@ -199,7 +199,7 @@ def test_cross_tokenizer_rollout(tiny_tokenizer):
 
 def test_teacher_states_gather_the_mapped_columns(tiny_tokenizer):
     """teacher_states == the teacher's full-forward hidden states at the mapped columns, masked where none."""
-    from minioprd.tiny import build_model
+    from minioprd.builtin.tiny import build_model
 
     s, t = tiny_tokenizer, handmade_teacher()
     teacher = build_model("tiny-teacher", len(t), seed=3).eval()

@@ -175,7 +175,7 @@ def test_bridge_across_tokenizers(tmp_path: Path, tiny_dirs):
     """A tiny teacher with another tokenizer and chat template reads the student's responses as text."""
     from test_align import other_tokenizer
 
-    from minioprd.tiny import build_model
+    from minioprd.builtin.tiny import build_model
 
     tok = other_tokenizer()
     teacher = build_model("tiny-teacher", len(tok), seed=5)

@@ -18,7 +18,7 @@ runner = CliRunner()
 def other_teacher(tmp_path_factory):
     from test_align import other_tokenizer
 
-    from minioprd.tiny import build_model
+    from minioprd.builtin.tiny import build_model
 
     tok = other_tokenizer()
     teacher = build_model("tiny-teacher", len(tok), seed=5)

