@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minioprd.memory import reset_peak, rss
+
 # Student shapes for the bench: the planner's embedded configs (real config.json numbers), plus a toy.
 BENCH_SHAPES = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b",
                 "qwen3-8b", "tiny")
@@ -41,21 +43,6 @@ def build_config(arch: str) -> Any:
               num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, tie_word_embeddings=s.tied,
               max_position_embeddings=32768)
     return Qwen3Config(head_dim=s.head_dim, **kw) if s.qk_norm else Qwen2Config(**kw)
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _sdpa_cpu_flop(q: Any, k: Any, v: Any, *_: Any, backward: bool = False) -> int:
@@ -176,15 +163,15 @@ def measure_one(arch: str, objective: str, batch: int, prompt_len: int, response
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            _reset_peak()
-            before = _rss_kb("VmRSS") * 1024
+            reset_peak()
+            before = rss("VmRSS")
         t0 = time.perf_counter()
         update()
         if dev.type == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            peak = _rss_kb("VmHWM") * 1024 - before
+            peak = rss("VmHWM") - before
         times.append(time.perf_counter() - t0)
         peaks.append(peak / 2**20)
     return {"objective": objective, "arch": arch, "device": device, "batch": batch, "prompt_len": prompt_len,

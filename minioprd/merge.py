@@ -43,12 +43,12 @@ import math
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from minioprd.errors import MinioprdError
+from minioprd.memory import MemoryMonitor, trim_heap
 
 DTYPES = ("bf16", "fp16", "fp32")
 RTOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1.5e-1}
@@ -179,59 +179,6 @@ def check_output(output: Path, force: bool, keep: list[Path]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-class MemoryMonitor:
-    """Peak RSS of this process while active (Linux resets the high-water mark), plus the peak of its
-    anonymous part: memory-mapped weights count in RSS but are file pages the kernel can drop at will."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self.peak_anon = 0
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        st = _proc_status()
-        self.peak_anon = max(self.peak_anon, st.get("RssAnon", 0))
-        self.peak_rss = max(self.peak_rss, st.get("VmRSS", 0))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> MemoryMonitor:
-        with contextlib.suppress(OSError):  # "5" resets VmHWM (Linux >= 4.0); without it the peak is lifetime
-            Path("/proc/self/clear_refs").write_text("5")
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        hwm = _proc_status().get("VmHWM", 0)
-        if not hwm:
-            import resource
-            import sys
-
-            ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            hwm = ru if sys.platform == "darwin" else ru * 1024
-        self.peak_rss = max(self.peak_rss, hwm)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -527,25 +474,6 @@ def _reversible(conversion: Any) -> bool:
         return False
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it after a forward pass has raised its mmap threshold,
-    so the fp32 temporaries of each merged tensor would otherwise add up to several times the shard)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
-
-
 def write_weights(out: Path, plan: list[tuple[str, tuple, Callable]], dtype: str, max_shard: int,
                   model: Any, log: Callable[[str], None]) -> tuple[int, int]:
     """Shards as transformers names them (model.safetensors, or model-0000i-of-0000N + index)."""
@@ -571,7 +499,7 @@ def write_weights(out: Path, plan: list[tuple[str, tuple, Callable]], dtype: str
         tensors = {}
         for key, _, make in shard:
             tensors[key] = make()
-            _release_freed_memory()
+            trim_heap()  # freed fp32 temporaries of each merged tensor would add up
         if conversions:  # checkpoint key renames transformers applied on load: write the original names back
             from transformers.core_model_loading import revert_weight_conversion
 
@@ -752,7 +680,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = No
             report.update(shards=shards, size_bytes=total)
             del plan, keys, pm, model
             gc.collect()
-            _release_freed_memory()
+            trim_heap()
             if verify:
                 _verify(tmp, dtype, prompts, ref, report, log)
             if gguf_type is not None:
@@ -799,7 +727,7 @@ def _verify(tmp: Path, dtype: str, prompts: list[Any], ref: list[Any], report: d
     got = logits_on(merged, prompts)
     del merged
     gc.collect()
-    _release_freed_memory()
+    trim_heap()
     diff = max_abs_diff(got, ref)
     tol = report["tolerance"]
     report["max_abs_diff"] = diff

@@ -35,6 +35,7 @@ from typing import Any
 
 from minioprd.config import CACHE_BUCKET, Config
 from minioprd.errors import MinioprdError
+from minioprd.memory import mmap_threshold, reset_peak, rss, trim_heap
 
 GIB = 1024**3
 MIB = 1024**2
@@ -810,51 +811,6 @@ def render(p: Plan, console: Any) -> None:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def _proc_status(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset VmHWM (Linux >= 4.0) so the next peak is measured from the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _glibc_mmap_threshold(nbytes: int) -> bool:
-    """Serve new allocations >= nbytes by mmap (returned to the OS on free), with the dynamic threshold off."""
-    try:
-        return bool(_libc().mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except AttributeError:  # not glibc
-        return False
-
-
-def _glibc_trim() -> None:
-    """Give free heap pages back to the OS, so reusing them shows up in RSS (malloc_trim)."""
-    try:
-        _libc().malloc_trim(0)
-    except AttributeError:
-        pass
-
-
 def _warm_up(setup: Any) -> None:
     """A 2-token rollout and a 4-token forward/backward: one-off allocations (BLAS/oneDNN scratch, lazily
     imported generation code, autograd's engine) land in the baseline instead of the measured peak."""
@@ -899,7 +855,7 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
     if run_cfg.model.device == "auto":  # measure where distill will run
         run_cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = plan(run_cfg, propose=False).device == "cuda"
-    mmap_set = False if cuda or not release_freed else _glibc_mmap_threshold(64 * 1024)
+    mmap_set = False if cuda or not release_freed else mmap_threshold(64 * 1024)
     seen: dict[str, Any] = {}
     original = distill_mod.prepare
 
@@ -918,15 +874,15 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
                     for t in list(m.parameters()) + list(m.buffers()):
                         t.detach().view(-1)[:: 1024].float().sum() if t.numel() else None
             _warm_up(setup)
-            _glibc_trim()  # free heap left by earlier work would otherwise be reused without showing in RSS
-            seen["after_load"] = _proc_status("VmRSS") or 0
-            seen["hwm_reset"] = _reset_rss_peak()
+            trim_heap()  # free heap left by earlier work would otherwise be reused without showing in RSS
+            seen["after_load"] = rss("VmRSS")
+            seen["hwm_reset"] = reset_peak()
         return setup
 
     original_plot = distill_mod._plot
 
     def plot_after_peak(out: Any) -> None:  # the PNG is drawn after training, in CPU memory: not part of it
-        seen["hwm"] = _proc_status("VmHWM") or 0
+        seen["hwm"] = rss("VmHWM")
         original_plot(out)
 
     distill_mod.prepare, distill_mod._plot = prepare_then_reset, plot_after_peak
@@ -937,7 +893,7 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
     finally:
         distill_mod.prepare, distill_mod._plot = original, original_plot
         if mmap_set:
-            _glibc_mmap_threshold(128 * 1024)  # glibc's initial value (the dynamic adjustment stays off)
+            mmap_threshold(128 * 1024)  # glibc's initial value (the dynamic adjustment stays off)
     est = plan(run_cfg, propose=False, prompt_tokens=seen.get("P"))
     estimated = max(est.peak(c) for c in range(est.cards))
     out: dict[str, Any] = {"device": est.device, "steps": steps, "prompt_tokens": seen.get("P"), "plan": est}
@@ -949,7 +905,7 @@ def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_
         loaded = sum(t.bytes for t in est.terms if t.name.startswith(("teacher weights", "student weights",
                                                                           "LoRA adapter")))
         loaded += sum(t.bytes / 3 for t in est.terms if t.name.startswith("projections"))  # moments come later
-        measured = seen.get("hwm", _proc_status("VmHWM") or 0) - seen.get("after_load", 0)
+        measured = seen.get("hwm", rss("VmHWM")) - seen.get("after_load", 0)
         out.update(estimated_mib=(estimated - loaded) / MIB, measured_mib=measured / MIB,
                    total_estimated_mib=estimated / MIB, error=(estimated - loaded) / max(measured, 1) - 1,
                    how="training phase: peak RSS of the steps minus RSS after loading"
