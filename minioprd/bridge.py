@@ -5,7 +5,7 @@ different widths, depths or tokenizers.
 
 Stage 0 `collect`   the student (no adapter) answers a sample of prompts on-policy (default 2,000, one
                     response each); both models read the responses (the teacher in its own tokens through
-                    `align.CrossTokenizer` when the tokenizers differ); the states of every proportionally
+                    `cross_tokenizer.CrossTokenizer` when the tokenizers differ); the states of every proportionally
                     mapped layer pair (Eq. 11, `layers.layer_map("all", ...)`) at the response positions
                     (`layers.state_window` convention) are subsampled to <= max_rows rows in all and written
                     batch by batch as fp16 safetensors shards, so a 7B teacher's states never sit in memory.
@@ -51,13 +51,13 @@ from torch import Tensor, nn
 from minioprd import __version__
 from minioprd.errors import MinioprdError
 from minioprd.files import atomic_write_bytes, atomic_write_json
+from minioprd.projections import least_squares
 
 FORMAT = 1
 WEIGHTS, META = "bridge.safetensors", "bridge.json"
 COLLECT = "collect.json"
 FP16_MAX = 60000.0  # rows with larger magnitudes are stored as bf16 (fp16 tops out at 65504)
 INITS = ("lstsq", "random")
-RIDGE = 1e-4  # relative ridge of the least-squares start: negligible with many rows, keeps few rows solvable
 
 Log = Callable[[str], None]
 
@@ -104,7 +104,7 @@ def collect(student: nn.Module, teacher: nn.Module, student_tok: Any, prompts: S
     ceil(rows still wanted / batches left), so the total is <= `max_rows` and short batches leave their
     share to later ones. Shard `shard-NNNNN.safetensors` holds, row-aligned, `s{a}` (n, d_S) per student
     layer, `t{b}` (n, d_T) per teacher layer and `seq` (n,) the response each row comes from. `cross`
-    (`align.CrossTokenizer`) lets a teacher with another tokenizer read the responses as text.
+    (`cross_tokenizer.CrossTokenizer`) lets a teacher with another tokenizer read the responses as text.
     Returns the summary also written to `collect.json`.
     """
     from minioprd.capture import capture_hidden
@@ -246,15 +246,6 @@ def _val_cos(proj: nn.Module, s: Tensor, z: Tensor, chunk: int = 8192) -> float:
         total = sum(float(F.cosine_similarity(proj(s[i:i + chunk]), z[i:i + chunk], dim=-1, eps=1e-8).sum())
                     for i in range(0, s.shape[0], chunk))
     return total / max(1, s.shape[0])
-
-
-def least_squares(s: Tensor, z: Tensor, ridge: float = RIDGE) -> Tensor:
-    """The minimiser W (r, d_S) of mean ||W s − z||² + λ||W||², λ = `ridge` · mean diag(SᵀS)/N (float64)."""
-    s64, z64 = s.double(), z.double()
-    gram = s64.T @ s64 / s.shape[0]
-    lam = ridge * float(gram.diagonal().mean().clamp(min=1e-30))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, s64.T @ z64 / s.shape[0]).T.float()
 
 
 def train_projection(s_train: Tensor, z_train: Tensor, s_val: Tensor, z_val: Tensor, *, epochs: int = 20,
@@ -634,7 +625,7 @@ def _stage0(teacher: str, student: str, dataset: str, states_dir: Path, *, dev: 
             align_mode: str, teacher_quant: str, split: str, field: str, prompt_template: str, prompt_suffix: str,
             chat_template: str, max_prompt_tokens: int, temperature: float, top_p: float, seed: int,
             log: Log) -> dict[str, Any]:
-    from minioprd.align import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
+    from minioprd.cross_tokenizer import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
     from minioprd.capture import num_layers
     from minioprd.data import load_examples, render_prompts, tokenize_prompts
     from minioprd.layers import layer_map

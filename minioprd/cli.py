@@ -258,9 +258,9 @@ def eval_(
                                     "run them as two commands")
             if not teacher:
                 raise MinioprdError("alignment mode needs --teacher MODEL")
-            from minioprd.evaluate import align
+            from minioprd.evaluate import evaluate_alignment
 
-            align(teacher, dataset, output_dir, student=student, adapter=adapter, split=split, preset=preset,
+            evaluate_alignment(teacher, dataset, output_dir, student=student, adapter=adapter, split=split, preset=preset,
                   field=field, max_problems=max_problems, temperature=temperature, greedy=greedy,
                   max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_suffix=prompt_suffix,
                   chat_template=chat_template, max_prompt_tokens=max_prompt_tokens, teacher_quant=teacher_quant,

@@ -41,6 +41,7 @@ from minioprd.errors import MinioprdError
 from minioprd.files import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from minioprd.fit import fit_to_card
 from minioprd.layers import layer_map, position_mask, state_window
+from minioprd.projections import fit_projections, new_projections
 from minioprd.rollout import Rollout, rollout, rollout_options
 
 
@@ -60,7 +61,7 @@ class Setup:
     projections: nn.ModuleList  # one bias-free Linear(d_S -> d_T) per pair, empty when widths match
     notes: list[str] = field(default_factory=list)
     bridge: Any = None  # bridge.Bridge: frozen r-dim subspace (loss.bridge), None = compare raw states
-    cross: Any = None  # align.CrossTokenizer when the tokenizers differ: the teacher reads the text
+    cross: Any = None  # cross_tokenizer.CrossTokenizer when the tokenizers differ: the teacher reads the text
     skipped_prompts: int = 0
     eval_examples: list[Any] = field(default_factory=list)  # held-out examples for the in-loop evaluation
 
@@ -148,7 +149,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
                            dtype=pick_dtype(cfg.model.dtype, teacher_device), trust_remote_code=trc, log=log)
     student = load_student(s_res, cfg.lora, cfg.model.student_quant, device, dtype, seed=cfg.train.seed,
                            trust_remote_code=trc)
-    from minioprd.align import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
+    from minioprd.cross_tokenizer import CrossTokenizer, prompt_table, same_tokenizer, teacher_prompts
     from minioprd.rollout import eos_ids
 
     cross = None
@@ -185,22 +186,12 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
         log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
             f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
     elif d_s != d_t and (cfg.loss.objective == "oprd" or cfg.loss.mu > 0):  # auto picks no OPRD term at other widths
-        projections = width_projections(len(pairs), d_s, d_t, device)
+        projections = new_projections(len(pairs), d_s, d_t, device)
         log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
                  skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
-
-
-def width_projections(n: int, d_s: int, d_t: int, device: torch.device) -> nn.ModuleList:
-    """`n` trainable bias-free Linear(d_S -> d_T), one per mapped layer pair (random start; see fit_projections)."""
-    projections = nn.ModuleList()
-    for _ in range(n):
-        proj = nn.Linear(d_s, d_t, bias=False)
-        nn.init.normal_(proj.weight, std=d_s ** -0.5)  # keeps the per-dimension scale of the input
-        projections.append(proj)
-    return projections.to(device)
 
 
 def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
@@ -218,7 +209,7 @@ def default_evaluator(s: Setup) -> Callable[[Setup, int], dict[str, float]]:
                            suffix=cfg.data.prompt_suffix, chat_template=cfg.data.chat_template)
     prompts, _, _ = tokenize_prompts(s.tokenizer, texts, cfg.data.max_prompt_tokens, "truncate")
     if s.cross is not None and prompts:  # the teacher reads the held-out prompts in its own chat template too
-        from minioprd.align import prompt_table, teacher_prompts
+        from minioprd.cross_tokenizer import prompt_table, teacher_prompts
 
         s.cross.prompts.update(prompt_table(prompts, teacher_prompts(
             s.cross.teacher_tok, s.eval_examples, template=cfg.data.prompt_template, suffix=cfg.data.prompt_suffix,
@@ -381,81 +372,6 @@ def _clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time()
-
-
-@torch.no_grad()
-def fit_projections(s: Setup, log: Any = print, ro: Rollout | None = None) -> list[float]:
-    """loss.projection_init=lstsq: set each width projection to the least-squares map P = argmin mean
-    ||P h_S - h_T||^2 + lambda ||P||^2 (tiny ridge, as `bridge.least_squares`) on one rollout batch of the first
-    prompts (or `ro`), before any update.
-
-    A random P makes the first steps chase an arbitrary image of the teacher's space; the fitted one starts
-    the loss at what a linear map cannot explain. The sums S^T S (d_S, d_S) and S^T Y (d_S, d_T) are gathered
-    micro-batch by micro-batch on the CPU in float64, so the fit never holds more states than an update step.
-    Returns the fitted maps' R^2 per layer (logged).
-    """
-    from minioprd.bridge import RIDGE
-
-    cfg, lc = s.cfg, s.cfg.loss
-    if ro is None:
-        g = torch.random.get_rng_state()  # the fit must not shift the run's own sampling
-        torch.manual_seed(cfg.train.seed * 1_000_003 - 1)
-        try:
-            ro = rollout(s.student, s.tokenizer, s.prompts[:cfg.rollout.prompts_per_step], n=cfg.rollout.n,
-                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                         max_new_tokens=cfg.rollout.max_new_tokens, **rollout_options(cfg.rollout, s.device))
-        finally:
-            torch.random.set_rng_state(g)
-    selected = position_mask(ro.response_mask, lc.positions, lc.k)  # (B, R)
-    s_layers, t_layers = sorted({a for a, _ in s.pairs}), sorted({b for _, b in s.pairs})
-    n_pairs = len(s.pairs)
-    gram = [None] * n_pairs  # S^T S per pair, float64 on the CPU
-    cross = [None] * n_pairs  # S^T Y
-    y_sum, yy, rows = [0.0] * n_pairs, [0.0] * n_pairs, 0
-    was = s.student.training
-    s.student.eval()
-    try:
-        B = ro.input_ids.shape[0]
-        mb = cfg.rollout.micro_batch or B
-        for i in range(0, B, mb):
-            part, sel = ro.select(slice(i, i + mb)), selected[i:i + mb]
-            if not sel.any():
-                continue
-            win = state_window(part.prompt_len, sel, lc.convention)
-            pos = part.position_ids()
-            got_t = capture_hidden(s.teacher, part.input_ids.to(s.teacher_device),
-                                   part.attention_mask.to(s.teacher_device), pos.to(s.teacher_device), t_layers,
-                                   win.start, win.stop)
-            got_s = capture_hidden(s.student, part.input_ids, part.attention_mask, pos, s_layers, win.start,
-                                   win.stop)
-            teacher, student = dict(zip(t_layers, got_t)), dict(zip(s_layers, got_s))
-            mask = win.mask.to(s.device)
-            rows += int(mask.sum())
-            for j, (a, b) in enumerate(s.pairs):
-                x = student[a][mask].float()  # (n, d_S)
-                y = teacher[b].to(s.device)[mask].float()  # (n, d_T)
-                gx, cx = (x.T @ x).double().cpu(), (x.T @ y).double().cpu()
-                gram[j] = gx if gram[j] is None else gram[j] + gx
-                cross[j] = cx if cross[j] is None else cross[j] + cx
-                y_sum[j] = y.double().sum(0).cpu() + y_sum[j]
-                yy[j] += float((y.double() ** 2).sum())
-    finally:
-        s.student.train(was)
-    if not rows:
-        log("projections: no response tokens to fit on; they start random")
-        return []
-    r2 = []
-    for j, proj in enumerate(s.projections):
-        G, C = gram[j] / rows, cross[j] / rows
-        lam = RIDGE * float(G.diagonal().mean().clamp(min=1e-30))
-        w = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), C).T  # (d_T, d_S)
-        proj.weight.copy_(w.to(proj.weight.device, proj.weight.dtype))
-        resid = yy[j] / rows - 2 * float((w * C.T).sum()) + float(((w @ G) * w).sum())  # mean ||W x - y||^2
-        var = yy[j] / rows - float(((y_sum[j] / rows) ** 2).sum())
-        r2.append(1 - resid / max(var, 1e-30))
-    log(f"projections: least-squares start on {rows} response tokens, R^2 per layer "
-        + ", ".join(f"{v:.2f}" for v in r2))
-    return r2
 
 
 def final_dir(s: Setup) -> Path:

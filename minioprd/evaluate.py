@@ -584,13 +584,14 @@ def print_table(summary: dict[str, Any], console: Any) -> None:
 ALIGNMENT = "alignment.json"
 
 
-def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | None = None,
-          adapter: str | None = None, split: str = "test", preset: str | None = None, field: str = "auto",
-          max_problems: int = 0, temperature: float = 0.7, greedy: bool = False, max_new_tokens: int = 256,
-          batch_size: int = 8, prompt_suffix: str | None = None, prompt_template: str = "{prompt}",
-          chat_template: str = "auto", system_prompt: str | None = None, max_prompt_tokens: int = 4096,
-          teacher_quant: str = "4bit", layers: str = "all", device: str = "auto", dtype: str = "auto",
-          seed: int = 0, console: Any = None) -> dict[str, Any]:
+def evaluate_alignment(teacher: str, dataset: str, output_dir: str | Path, *, student: str | None = None,
+                       adapter: str | None = None, split: str = "test", preset: str | None = None,
+                       field: str = "auto", max_problems: int = 0, temperature: float = 0.7, greedy: bool = False,
+                       max_new_tokens: int = 256, batch_size: int = 8, prompt_suffix: str | None = None,
+                       prompt_template: str = "{prompt}", chat_template: str = "auto",
+                       system_prompt: str | None = None, max_prompt_tokens: int = 4096, teacher_quant: str = "4bit",
+                       layers: str = "all", device: str = "auto", dtype: str = "auto", seed: int = 0,
+                       console: Any = None) -> dict[str, Any]:
     """Per-layer cosine and reverse KL(student || teacher) on the student's own responses to `dataset`'s
     prompts (`alignment.alignment_report`); writes `alignment.json` into `output_dir` and prints a table.
 
@@ -599,7 +600,7 @@ def align(teacher: str, dataset: str, output_dir: str | Path, *, student: str | 
     proportionally, no projections, so cosines exist only when the widths match). With `adapter`, `student`
     may be left out; if given it must be the run's own base.
     """
-    from minioprd.align import CrossTokenizer, encode_prompts, prompt_table, same_tokenizer
+    from minioprd.cross_tokenizer import CrossTokenizer, encode_prompts, prompt_table, same_tokenizer
     from minioprd.alignment import alignment_report, load_run_bridge, load_run_student
     from minioprd.capture import num_layers
     from minioprd.layers import layer_map

@@ -337,7 +337,7 @@ def dry_run_line(cfg: Any, student_shape: tuple[int, int], teacher_shape: tuple[
         return f"objective: {cfg.loss.objective} (set explicitly)"
     same = True
     try:
-        from minioprd.align import same_tokenizer
+        from minioprd.cross_tokenizer import same_tokenizer
         from minioprd.models import load_tokenizer, resolve_model
 
         same = same_tokenizer(load_tokenizer(resolve_model(cfg.model.student, "student"), "student"),

@@ -85,7 +85,7 @@ def test_different_models_kl_positive_and_cosines_need_projections(tiny_dirs, ti
 def test_cross_tokenizer_path_pairs_the_same_states(tiny_dirs, tiny_tokenizer):
     # With the teacher "reading the text" in the same tokenizer the alignment is the identity: the cosines must
     # be those of the direct path, every token aligned exactly, and no KL (the path assumes other vocabularies).
-    from minioprd.align import CrossTokenizer, prompt_table
+    from minioprd.cross_tokenizer import CrossTokenizer, prompt_table
 
     student, teacher = _load(tiny_dirs["student"]), _load(tiny_dirs["teacher"])
     pairs, prompts = [(1, 2), (2, 4)], _prompts(tiny_tokenizer, 3)

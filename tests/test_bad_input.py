@@ -35,7 +35,7 @@ def world(tmp_path_factory, tiny_dirs):
     shutil.copytree(tiny_dirs["teacher"], other)
     for f in other.glob("tokenizer*"):
         f.unlink()
-    from test_align import other_tokenizer
+    from test_cross_tokenizer import other_tokenizer
 
     other_tokenizer().save_pretrained(other)
     return root, run

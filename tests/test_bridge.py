@@ -173,7 +173,7 @@ def test_bridge_cli_then_stage2_loss(tmp_path: Path, tiny_dirs):
 
 def test_bridge_across_tokenizers(tmp_path: Path, tiny_dirs):
     """A tiny teacher with another tokenizer and chat template reads the student's responses as text."""
-    from test_align import other_tokenizer
+    from test_cross_tokenizer import other_tokenizer
 
     from minioprd.builtin.tiny import build_model
 

@@ -16,7 +16,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def other_teacher(tmp_path_factory):
-    from test_align import other_tokenizer
+    from test_cross_tokenizer import other_tokenizer
 
     from minioprd.builtin.tiny import build_model
 

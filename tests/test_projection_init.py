@@ -10,7 +10,8 @@ import torch
 
 from minioprd.capture import capture_hidden
 from minioprd.config import load_config
-from minioprd.distill import distill, fit_projections, prepare
+from minioprd.distill import distill, prepare
+from minioprd.projections import fit_projections
 from minioprd.layers import position_mask, state_window
 from minioprd.rollout import rollout
 

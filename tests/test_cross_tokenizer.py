@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (minioprd.align) with locally built tokenizers: a hand-made BPE whose tokens are
+"""Cross-tokenizer alignment (minioprd.cross_tokenizer) with locally built tokenizers: a hand-made BPE whose tokens are
 known, a BPE trained on another corpus, and (when installed) the real Qwen3 tokenizer."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from minioprd.align import (CrossTokenizer, TokenBytes, align_tokens, end_of_turn_id, map_ends, prompt_table,
+from minioprd.cross_tokenizer import (CrossTokenizer, TokenBytes, align_tokens, end_of_turn_id, map_ends, prompt_table,
                             same_tokenizer, teacher_positions)
 from minioprd.errors import MinioprdError
 from minioprd.layers import state_window
