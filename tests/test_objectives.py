@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,15 +13,12 @@ from minioprd.config import load_config
 from minioprd.distill import prepare, update_step
 from minioprd.rollout import rollout
 
-RECIPE = "recipes/tiny-cpu.yaml"
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny-cpu.yaml")  # from any working directory
 
 
 @pytest.fixture(scope="module")
 def setup_and_rollout(tmp_path_factory):
-    from pathlib import Path
-
-    recipe = Path(__file__).parents[1] / RECIPE
-    cfg = load_config(recipe, {"train.output_dir": str(tmp_path_factory.mktemp("o")), "rollout.max_new_tokens": 12,
+    cfg = load_config(RECIPE, {"train.output_dir": str(tmp_path_factory.mktemp("o")), "rollout.max_new_tokens": 12,
                                "model.teacher_quant": "none"})
     s = prepare(cfg, log=lambda m: None)
     torch.manual_seed(0)
@@ -26,8 +27,11 @@ def setup_and_rollout(tmp_path_factory):
 
 
 def _grads(s, ro, **loss):
-    for k, v in loss.items():
-        setattr(s.cfg.loss, k, v)
+    """Gradients of one update on a copy of the shared setup's config with `loss` set: no test sees another's
+    settings, whatever the order they run in."""
+    cfg = copy.deepcopy(s.cfg)
+    cfg.loss = dataclasses.replace(cfg.loss, **loss)
+    s = dataclasses.replace(s, cfg=cfg)
     params = [p for p in s.student.parameters() if p.requires_grad] + list(s.projections.parameters())
     for p in params:
         p.grad = None
