@@ -498,3 +498,92 @@ def _machine(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def bench_command(what: str, *, student: str, teacher: str, objectives: str | None, batch: int, prompt_len: int,
+                  response_len: int | None, steps: int, n: int, settings: str, topk: int, chunk: int, device: str,
+                  teacher_quant: str, gradient_checkpointing: bool, micro_batch: int, threads: int,
+                  output: Path | None, console: Any) -> dict[str, Any]:
+    """`minioprd bench update|step|rollout`: run the bench, print its table (and write `output` as JSON)."""
+    from minioprd.errors import MinioprdError
+    from minioprd.files import atomic_write_json
+
+    say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    objs = tuple(o.strip() for o in objectives.split(",") if o.strip()) if objectives else None
+    if what == "update":
+        res = run_update_bench(student, objs or OBJECTIVES, batch, prompt_len, response_len or 512, steps, device,
+                               topk, chunk, threads, gradient_checkpointing, micro_batch, log=say)
+        console.print(update_table(res, student, batch, response_len or 512, gradient_checkpointing))
+    elif what == "step":
+        res = run_step_bench(student, teacher, objs or ("oprd", "opd_topk"), batch, prompt_len, response_len or 128,
+                             max(steps, 2), device, teacher_quant, gradient_checkpointing, threads, log=say)
+        console.print(step_table(res, student, batch, response_len or 128))
+    elif what == "rollout":
+        names = tuple(ROLLOUT_SETTINGS) if settings.strip() == "all" else \
+            tuple(x.strip() for x in settings.split(",") if x.strip())
+        res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, repeats=steps,
+                                threads=threads, n=n, settings=names, log=say)
+        console.print(rollout_table(res, student, batch, n))
+        say(f"bound: {res['bytes_per_decode_step'] / 1e9:.3f} GB per decode step / {res['bandwidth_gb_s']:.1f} "
+            f"GB/s ({res['bandwidth_source']}) = {res['bound_decode_steps_per_s']:.2f} steps/s; fastest: "
+            f"{res['fastest']} at {res['fastest_speedup_vs_bare']:.2f}x bare generate")
+        for note in res["notes"]:
+            say(f"note: {note}")
+    else:
+        raise MinioprdError(f"unknown bench {what!r}: choose update, rollout or step")
+    if output is not None:
+        atomic_write_json(output, res)
+        say(f"wrote {output}")
+    return res
+
+
+def update_table(res: dict[str, Any], student: str, batch: int, response_len: int, gradient_checkpointing: bool) -> Any:
+    """`run_update_bench`'s result as a rich table: time, peak memory and FLOPs per objective, ratios to oprd."""
+    from rich.table import Table
+
+    gc = "with" if gradient_checkpointing else "no"
+    mb = f" in micro-batches of {res['micro_batch']}" if res["micro_batch"] < batch else ""
+    table = Table(title=f"update step, {student} shape, {batch} x {response_len} tokens{mb}, {gc} gradient "
+                        f"checkpointing, {res['machine']}")
+    # GFLOP (forward + recompute + backward, counted on the warm-up step) shows how much of a time ratio is the
+    # work itself: on a compute-bound machine time cannot fall below it.
+    for col in ("objective", "s/update", "peak +MB", "GFLOP", "time vs oprd", "memory vs oprd", "work vs oprd"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        gflop = f"{r['gflop']:,.0f}" if r["gflop"] >= 100 else f"{r['gflop']:.3g}"
+        table.add_row(r["objective"], f"{r['seconds']:.2f}", f"{r['peak_increase_mb']:.0f}", gflop,
+                      *(f"{r.get(k + '_vs_oprd', float('nan')):.2f}x" for k in ("time", "memory", "work")))
+    return table
+
+
+def step_table(res: dict[str, Any], student: str, batch: int, response_len: int) -> Any:
+    """`run_step_bench`'s result as a rich table: seconds per step and the rollout / teacher / update shares."""
+    from rich.table import Table
+
+    table = Table(title=f"whole step, teacher {res['teacher']} -> student {student} shape, {batch} x {response_len} "
+                        f"tokens, {res['machine']}")
+    for col in ("objective", "s/step", "rollout", "teacher", "update", "gen tokens/s"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        table.add_row(r["objective"], f"{r['step_s']:.2f}",
+                      *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)" for k in ("rollout", "teacher", "update")),
+                      f"{r['tokens_per_s']:.1f}")
+    return table
+
+
+def rollout_table(res: dict[str, Any], student: str, batch: int, n: int) -> Any:
+    """`run_rollout_bench`'s result as a rich table: each setting's tokens/s against bare generate and the bound."""
+    from rich.table import Table
+
+    table = Table(title=f"rollout, {student} shape, {batch} prompts x {n} x {res['new_tokens']} new tokens, "
+                        f"{res['dtype']}, {res['machine']}" + (f", {res['threads']} threads" if res["threads"] else ""))
+    for col in ("setting", "tokens/s", "decode steps/s", "vs bare", "of bound", "first call s", "same tokens"):
+        table.add_column(col, justify="right")
+    for r in res["rows_by_setting"]:
+        table.add_row(r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['decode_steps_per_s']:.2f}",
+                      f"{r['speedup_vs_bare']:.2f}x", f"{100 * r['fraction_of_bound']:.0f}%",
+                      f"{r['first_call_s']:.1f}", f"{100 * r['same_tokens_as_bare']:.0f}%")
+    return table

@@ -1,4 +1,10 @@
-"""Checkpoints that a killed run can resume from exactly, and that a crash can never half-write.
+"""A run's directory: what it holds decides fresh/resume/done; checkpoints that a killed run resumes from exactly
+and that a crash can never half-write; the adapter it ends with; Ctrl-C handling.
+
+  open_run      a new dir starts fresh; the same command again (or --resume) continues from the last good
+                checkpoint; --force starts over; anything else is refused, so nothing written earlier is lost
+  save_adapter  PEFT adapter (or whole model) + tokenizer + projections/bridge + minioprd.json, atomically
+  Interrupts    first Ctrl-C/SIGTERM: finish the step, checkpoint, stop; second: exit at once
 
 A checkpoint is a directory `checkpoints/step-NNNNNN/` holding:
   adapter files (PEFT) + projections + tokenizer + minioprd.json   - what `save_adapter` writes
@@ -15,15 +21,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from minioprd import __version__
+from minioprd.config import Config
 from minioprd.errors import MinioprdError
-from minioprd.files import atomic_dir, atomic_write_json
+from minioprd.files import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+
+if TYPE_CHECKING:
+    from minioprd.prepare import Setup
 
 PREFIX = "step-"
 
@@ -177,6 +190,123 @@ def load_checkpoint(path: Path, student: Any, projections: torch.nn.Module, opti
     return state
 
 
+def resume_run(path: Path, out: Path, s: Setup, optimizer: torch.optim.Optimizer, scheduler: Any,
+               sampler: Any) -> dict[str, Any]:
+    """Restore a run from its checkpoint `path` in place (weights, optimizer, schedule, prompt order, RNG) and cut
+    metrics.jsonl back to the checkpoint's step: the lines after it were lost with the crash and are recomputed
+    identically. Returns trainer_state.json (`step`, `counters`)."""
+    state = load_checkpoint(path, s.student, s.projections, optimizer, scheduler)
+    sampler.load_state_dict(state["sampler"])
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return state
+
+
 def _pair_order(key: str) -> tuple[int, int]:
     s, t = key.split(".")[0].split("_")  # "s{a}_t{b}.weight"
     return int(s[1:]), int(t[1:])
+
+
+def final_dir(s: Setup) -> Path:
+    """`adapter/` for a LoRA student, `model/` for a fully fine-tuned one."""
+    return Path(s.cfg.train.output_dir) / ("adapter" if s.cfg.lora.r else "model")
+
+
+def save_adapter(s: Setup, path: Path) -> None:
+    """PEFT adapter (or the whole model when lora.r=0) + tokenizer + projections + minioprd.json, atomically."""
+    with atomic_dir(path) as tmp:
+        save_weights(s, tmp)
+
+
+def save_weights(s: Setup, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    from minioprd.models import resolve_model
+
+    cfg = s.cfg
+    s.student.save_pretrained(tmp)
+    s.tokenizer.save_pretrained(tmp)
+    if s.bridge is not None:
+        s.bridge.save(tmp / "bridge")
+    if len(s.projections):  # width projections, or a jointly trained bridge's P_S (so resume restores them)
+        tensors = {f"s{a}_t{b}.weight": p.weight.detach().float().cpu().contiguous()
+                   for (a, b), p in zip(s.pairs, s.projections)}
+        save_file(tensors, str(tmp / "projections.safetensors"))
+    atomic_write_json(tmp / "minioprd.json", {
+        "format": 1, "minioprd_version": __version__, "student": cfg.model.student,
+        "student_path": resolve_model(cfg.model.student, "student").path,
+        "student_quant": cfg.model.student_quant, "teacher": cfg.model.teacher,
+        "layer_map": [list(p) for p in s.pairs], "projections": bool(len(s.projections)) and s.bridge is None,
+        "bridge": None if s.bridge is None else {"source": cfg.loss.bridge, "rank": s.bridge.rank,
+                                                 "trainable": cfg.loss.bridge_trainable, "dir": "bridge"},
+        "same_tokenizer": s.cross is None,
+        "loss": cfg.loss.kind, "convention": cfg.loss.convention, "full_finetune": cfg.lora.r == 0,
+    })
+
+
+def open_run(out: Path, cfg: Config, force: bool, resume: bool, log: Any) -> tuple[Path | None, bool]:
+    """Decide what to do with an output dir: (checkpoint to resume from, already finished?).
+
+    A new dir starts fresh. A dir holding a run is resumed from its last good checkpoint when `resume` is
+    asked, or when the same command (identical config.yaml) is run again; `force` starts over; anything
+    else is refused, so nothing written earlier is lost.
+    """
+    for place in (out, *out.parents):  # the nearest existing path must be a directory we can write into
+        if place.exists():
+            if not place.is_dir():
+                raise MinioprdError(f"--output-dir {str(out)!r}: {str(place)!r} is a file, not a directory: "
+                                    f"pass a directory path (train.output_dir)")
+            break
+    held = (out / "metrics.jsonl").exists() or (out / "adapter").exists() or (out / "model").exists() \
+        or (out / "checkpoints").exists()
+    if not held:
+        if resume:
+            raise MinioprdError(f"nothing to resume in {str(out)!r}: it holds no run (start it without --resume)")
+        return None, False
+    if force:  # start over; the old adapter/ stays until the new one replaces it atomically
+        for name in ("metrics.jsonl", "metrics.png", "summary.json", "objective.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return None, False
+    from minioprd.objective import same_config
+
+    same = (out / "config.yaml").is_file() and same_config((out / "config.yaml").read_text(), cfg, out)
+    if not (resume or same):
+        raise MinioprdError(f"output dir {str(out)!r} already holds a run with another config: pass a new "
+                            f"--output-dir, --resume {out} to continue it, or --force to overwrite it")
+    if (out / "summary.json").is_file() and same:
+        return None, True
+    ckpt = latest_valid(out, log)
+    if ckpt is None:
+        raise MinioprdError(f"the run in {str(out)!r} has no usable checkpoint to resume from (set "
+                            f"train.save_every to write them): pass --force to start it over")
+    return ckpt, False
+
+
+class Interrupts:
+    """First Ctrl-C/SIGTERM: finish the current step, checkpoint, stop. Second: exit at once.
+
+    Every file is written atomically, so even the immediate exit leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, log: Any):
+        self.requested, self.log, self.saved = None, log, {}
+
+    def __enter__(self) -> "Interrupts":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (e.g. not in a notebook worker)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested is not None:
+            os._exit(130)  # second signal: no cleanup; files on disk are whole by construction
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: finishing this step, then saving a checkpoint (press again to quit now)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)

@@ -115,30 +115,53 @@ def _quiet_libraries() -> None:
         datasets.logging.set_verbosity_error()
 
 
-# Flags for the common knobs; anything else is a `section.key=value` override.
+# Flags for the common knobs of `distill` and `plan` (one definition each); anything else is a
+# `section.key=value` override.
 _FLAG_KEYS = {
     "teacher": "model.teacher", "student": "model.student", "teacher_quant": "model.teacher_quant",
-    "student_quant": "model.student_quant", "device": "model.device", "dataset": "data.dataset",
-    "field": "data.field", "output_dir": "train.output_dir", "steps": "train.steps", "lr": "train.lr",
-    "seed": "train.seed", "loss": "loss.kind", "layers": "loss.layers", "positions": "loss.positions",
-    "prompts_per_step": "rollout.prompts_per_step", "n": "rollout.n",
-    "max_new_tokens": "rollout.max_new_tokens", "teacher_device": "model.teacher_device",
+    "student_quant": "model.student_quant", "device": "model.device", "teacher_device": "model.teacher_device",
+    "dataset": "data.dataset", "field": "data.field", "output_dir": "train.output_dir", "steps": "train.steps",
+    "lr": "train.lr", "seed": "train.seed", "loss": "loss.kind", "layers": "loss.layers",
+    "positions": "loss.positions", "prompts_per_step": "rollout.prompts_per_step", "n": "rollout.n",
+    "max_new_tokens": "rollout.max_new_tokens", "micro_batch": "rollout.micro_batch",
+    "gradient_checkpointing": "lora.gradient_checkpointing",
 }
+Overrides = Annotated[Optional[list[str]], typer.Argument(
+    help="Extra settings as section.key=value, e.g. train.lr=2e-4 loss.kind=cosine rollout.micro_batch=2.",
+    show_default=False)]
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")]
+TeacherOpt = Annotated[Optional[str], typer.Option(help="Teacher: dir, hub id or name (Qwen2.5-7B); `plan` also "
+                                                        "takes a config.json.")]
+StudentOpt = Annotated[Optional[str], typer.Option(help="Student: dir, hub id or name (Qwen2.5-0.5B); `plan` also "
+                                                        "takes a config.json.")]
+TeacherQuantOpt = Annotated[Optional[str], typer.Option(help="Teacher weights: 4bit, 8bit or none.")]
+StudentQuantOpt = Annotated[Optional[str], typer.Option(help="Student base: none or 4bit (QLoRA).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
+TeacherDeviceOpt = Annotated[Optional[str], typer.Option(help="Teacher on another device: cuda:1 (Kaggle 2xT4) or "
+                                                              "cpu (teacher in RAM when it does not fit).")]
+PromptsPerStepOpt = Annotated[Optional[int], typer.Option(help="Prompts per step.")]
+NOpt = Annotated[Optional[int], typer.Option(help="Responses per prompt.")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option(help="Longest response.")]
+
+
+def _load(recipe: Path | None, values: dict[str, Any], extra: dict[str, str] | None = None) -> Any:
+    """The config of a distill/plan command: recipe, then its flags, then `section.key=value` overrides."""
+    from minioprd.config import load_config
+
+    flags = {_FLAG_KEYS[k]: v for k, v in values.items() if k in _FLAG_KEYS and v is not None}
+    return load_config(recipe, {**flags, **(extra or {}), **parse_overrides(values["overrides"] or [])})
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def distill(
-    overrides: Annotated[Optional[list[str]], typer.Argument(
-        help="Extra settings as section.key=value, e.g. train.lr=2e-4 loss.kind=cosine rollout.n=4.",
-        show_default=False)] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: dir, hub id or name (Qwen2.5-7B).")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student: dir, hub id or name (Qwen2.5-0.5B).")] = None,
-    teacher_quant: Annotated[Optional[str], typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = None,
-    student_quant: Annotated[Optional[str], typer.Option(help="Student base: none or 4bit (QLoRA).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    teacher_device: Annotated[Optional[str], typer.Option(help="Teacher on another device: cuda:1 (Kaggle 2xT4) or "
-                                                               "cpu (teacher in RAM when it does not fit).")] = None,
+    overrides: Overrides = None,
+    recipe: RecipeOpt = None,
+    teacher: TeacherOpt = None,
+    student: StudentOpt = None,
+    teacher_quant: TeacherQuantOpt = None,
+    student_quant: StudentQuantOpt = None,
+    device: DeviceOpt = None,
+    teacher_device: TeacherDeviceOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Hub data set or local jsonl/json/parquet/csv.")] = None,
     field: Annotated[Optional[str], typer.Option(help="Prompt column (default: auto-detect).")] = None,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
@@ -148,9 +171,9 @@ def distill(
     loss: Annotated[Optional[str], typer.Option(help="scale_mse, mse, normalized_mse or cosine.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all, last, even, odd or a list like [4,8,12].")] = None,
     positions: Annotated[Optional[str], typer.Option(help="all, last, last_k or first_k.")] = None,
-    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts per step.")] = None,
-    n: Annotated[Optional[int], typer.Option(help="Responses per prompt.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest response.")] = None,
+    prompts_per_step: PromptsPerStepOpt = None,
+    n: NOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and layer map, then exit.")]
     = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an output dir that holds another run.")]
@@ -175,19 +198,16 @@ def distill(
 
     def go() -> None:
         _quiet_libraries()
-        from minioprd.config import load_config
         from minioprd.distill import distill as run_distill
-        from minioprd.distill import describe
-
         from minioprd.errors import MinioprdError
+        from minioprd.prepare import describe
 
-        flags = {_FLAG_KEYS[k]: v for k, v in values.items() if k in _FLAG_KEYS and v is not None}
-        source = recipe
+        source, extra = recipe, {}
         if resume is not None:
             if not (resume / "config.yaml").is_file():
                 raise MinioprdError(f"--resume {resume}: no config.yaml there, so it is not a minioprd run directory")
-            source, flags = resume / "config.yaml", {**flags, "train.output_dir": str(resume)}
-        cfg = load_config(source, {**flags, **parse_overrides(values["overrides"] or [])})
+            source, extra = resume / "config.yaml", {"train.output_dir": str(resume)}
+        cfg = _load(source, values, extra)
         if dry_run:
             describe(cfg, console)
             return
@@ -321,76 +341,13 @@ def bench(
 
     def go() -> None:
         _quiet_libraries()
-        from rich.table import Table
+        from minioprd.bench import bench_command
 
-        from minioprd.bench import run_rollout_bench, run_step_bench, run_update_bench
-        from minioprd.errors import MinioprdError
-        from minioprd.files import atomic_write_json
-
-        say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-        from minioprd.bench import OBJECTIVES
-
-        objs = tuple(o.strip() for o in objectives.split(",") if o.strip()) if objectives else None
-        if what == "update":
-            R = response_len or 512
-            res = run_update_bench(student, objs or OBJECTIVES, batch, prompt_len, R, steps, device, topk, chunk,
-                                   threads, gradient_checkpointing, micro_batch, log=say)
-            gc = "with" if gradient_checkpointing else "no"
-            mb = f" in micro-batches of {res['micro_batch']}" if res["micro_batch"] < batch else ""
-            table = Table(title=f"update step, {student} shape, {batch} x {R} tokens{mb}, {gc} gradient "
-                                f"checkpointing, {res['machine']}")
-            # GFLOP (forward + recompute + backward, counted on the warm-up step) shows how much of a time ratio
-            # is the work itself: on a compute-bound machine time cannot fall below it.
-            for col in ("objective", "s/update", "peak +MB", "GFLOP", "time vs oprd", "memory vs oprd",
-                        "work vs oprd"):
-                table.add_column(col, justify="right")
-            for r in res["rows"]:
-                gflop = f"{r['gflop']:,.0f}" if r["gflop"] >= 100 else f"{r['gflop']:.3g}"
-                table.add_row(r["objective"], f"{r['seconds']:.2f}", f"{r['peak_increase_mb']:.0f}", gflop,
-                              *(f"{r.get(k + '_vs_oprd', float('nan')):.2f}x" for k in ("time", "memory", "work")))
-            console.print(table)
-        elif what == "step":
-            R = response_len or 128
-            res = run_step_bench(student, teacher, objs or ("oprd", "opd_topk"), batch, prompt_len, R, max(steps, 2),
-                                 device, teacher_quant, gradient_checkpointing, threads, log=say)
-            table = Table(title=f"whole step, teacher {res['teacher']} -> student {student} shape, {batch} x {R} "
-                                f"tokens, {res['machine']}")
-            for col in ("objective", "s/step", "rollout", "teacher", "update", "gen tokens/s"):
-                table.add_column(col, justify="right")
-            for r in res["rows"]:
-                table.add_row(r["objective"], f"{r['step_s']:.2f}",
-                              *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)"
-                                for k in ("rollout", "teacher", "update")), f"{r['tokens_per_s']:.1f}")
-            console.print(table)
-        elif what == "rollout":
-            from minioprd.bench import ROLLOUT_SETTINGS
-
-            names = tuple(ROLLOUT_SETTINGS) if settings.strip() == "all" else \
-                tuple(x.strip() for x in settings.split(",") if x.strip())
-            res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, repeats=steps,
-                                    threads=threads, n=n, settings=names, log=say)
-            table = Table(title=f"rollout, {student} shape, {batch} prompts x {n} x {res['new_tokens']} new tokens, "
-                                f"{res['dtype']}, {res['machine']}"
-                                + (f", {res['threads']} threads" if res["threads"] else ""))
-            for col in ("setting", "tokens/s", "decode steps/s", "vs bare", "of bound", "first call s",
-                        "same tokens"):
-                table.add_column(col, justify="right")
-            for r in res["rows_by_setting"]:
-                same = f"{100 * r['same_tokens_as_bare']:.0f}%"
-                table.add_row(r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['decode_steps_per_s']:.2f}",
-                              f"{r['speedup_vs_bare']:.2f}x", f"{100 * r['fraction_of_bound']:.0f}%",
-                              f"{r['first_call_s']:.1f}", same)
-            console.print(table)
-            say(f"bound: {res['bytes_per_decode_step'] / 1e9:.3f} GB per decode step / {res['bandwidth_gb_s']:.1f} "
-                f"GB/s ({res['bandwidth_source']}) = {res['bound_decode_steps_per_s']:.2f} steps/s; fastest: "
-                f"{res['fastest']} at {res['fastest_speedup_vs_bare']:.2f}x bare generate")
-            for note in res["notes"]:
-                say(f"note: {note}")
-        else:
-            raise MinioprdError(f"unknown bench {what!r}: choose update, rollout or step")
-        if output is not None:
-            atomic_write_json(output, res)
-            say(f"wrote {output}")
+        bench_command(what, student=student, teacher=teacher, objectives=objectives, batch=batch,
+                      prompt_len=prompt_len, response_len=response_len, steps=steps, n=n, settings=settings,
+                      topk=topk, chunk=chunk, device=device, teacher_quant=teacher_quant,
+                      gradient_checkpointing=gradient_checkpointing, micro_batch=micro_batch, threads=threads,
+                      output=output, console=console)
 
     run(go)
 
@@ -523,35 +480,23 @@ def bridge(
 
 # ------------------------------------------------------------------------------------------- plan, report
 
-_PLAN_FLAGS = {
-    "teacher": "model.teacher", "student": "model.student", "teacher_quant": "model.teacher_quant",
-    "student_quant": "model.student_quant", "device": "model.device", "teacher_device": "model.teacher_device",
-    "prompts_per_step": "rollout.prompts_per_step", "n": "rollout.n", "max_new_tokens": "rollout.max_new_tokens",
-    "micro_batch": "rollout.micro_batch", "gradient_checkpointing": "lora.gradient_checkpointing",
-}
-
-
 @app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def plan_(
-    overrides: Annotated[Optional[list[str]], typer.Argument(
-        help="Extra settings as section.key=value, exactly as for distill (rollout.micro_batch=2 ...).",
-        show_default=False)] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: name (Qwen2.5-7B), dir or config.json.")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student: name (Qwen2.5-0.5B), dir or config.json.")]
-    = None,
+    overrides: Overrides = None,
+    recipe: RecipeOpt = None,
+    teacher: TeacherOpt = None,
+    student: StudentOpt = None,
     gpu: Annotated[Optional[str], typer.Option(help="Card: t4, p100, l4, a10, 3060, 3090, 4090, a100-40, a100-80, "
                                                "h100.", show_default=False)] = None,
     vram_gb: Annotated[Optional[float], typer.Option("--vram-gb", help="Card memory in GiB (instead of, or to "
                                                      "resize, --gpu).", show_default=False)] = None,
-    teacher_quant: Annotated[Optional[str], typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = None,
-    student_quant: Annotated[Optional[str], typer.Option(help="Student base: none or 4bit (QLoRA).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (cpu: a RAM estimate).")] = None,
-    teacher_device: Annotated[Optional[str], typer.Option(help="same, or cuda:1 to give the teacher its own "
-                                                          "card (Kaggle 2xT4).")] = None,
-    prompts_per_step: Annotated[Optional[int], typer.Option(help="Prompts per step.")] = None,
-    n: Annotated[Optional[int], typer.Option(help="Responses per prompt.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest response.")] = None,
+    teacher_quant: TeacherQuantOpt = None,
+    student_quant: StudentQuantOpt = None,
+    device: DeviceOpt = None,
+    teacher_device: TeacherDeviceOpt = None,
+    prompts_per_step: PromptsPerStepOpt = None,
+    n: NOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per update forward (0 = all).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute student activations in backward.",
@@ -577,11 +522,9 @@ def plan_(
     def go() -> None:
         import json as _json
 
-        from minioprd.config import load_config
         from minioprd.plan import measure, plan, render
 
-        flags = {_PLAN_FLAGS[k]: v for k, v in values.items() if k in _PLAN_FLAGS and v is not None}
-        cfg = load_config(recipe, {**flags, **parse_overrides(values["overrides"] or [])})
+        cfg = _load(recipe, values)
         p = plan(cfg, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens)
         if json_out:
             console.print_json(_json.dumps(p.to_dict()))
@@ -682,43 +625,11 @@ def demo(
 
     def go() -> None:
         _quiet_libraries()
-        from minioprd import demo as d
-        from minioprd.errors import MinioprdError
+        from minioprd.demo import demo_command
 
-        pair_list = tuple(p.strip() for p in pairings.split(",") if p.strip())
-        if not 1 <= n_test <= 200:
-            raise MinioprdError(f"--n-test must be between 1 and 200, got {n_test}")
-        try:
-            grid = tuple(float(x) for x in lrs.split(",")) if lrs else None
-        except ValueError:
-            raise MinioprdError(f"--lrs must be comma-separated numbers, got {lrs!r}") from None
-        if compare and real:
-            raise MinioprdError("--compare and --real are two different runs: pass one of them")
-        if real:
-            from minioprd import demo_real as dr
-
-            chosen_methods = tuple(m.strip() for m in methods.split(",")) if methods else tuple(dr.REAL_METHODS)
-            res = dr.run_real(output_dir or "runs/demo-real", methods=chosen_methods, lrs=grid, seeds=seeds or 1,
-                              steps=steps or 30, threads=threads, console=console)
-            console.print(dr.real_markdown(res), markup=False, highlight=False, soft_wrap=True)
-            console.print(f"wrote {Path(output_dir or 'runs/demo-real') / 'real.md'} and real.json "
-                          f"({res['seconds'] / 60:.1f} min)", markup=False, highlight=False)
-        elif compare:
-            knob_list = tuple(d.KNOBS) if knobs is None else tuple(
-                k.strip() for k in knobs.split(",") if k.strip() and k.strip() != "none")
-            d.run_compare(output_dir or "runs/demo-compare", seeds=seeds or 3, steps=steps or 100,
-                          methods=tuple(m.strip() for m in methods.split(",")) if methods else tuple(d.METHODS),
-                          pairings=pair_list, knobs=knob_list, lrs=grid or d.LORA_LRS, n_test=n_test, threads=threads,
-                          console=console, rebuild=rebuild)
-        else:
-            chosen = None
-            if methods:
-                if "," in methods:
-                    raise MinioprdError("the demo runs one method per pairing: pass one --methods NAME (or use "
-                                        "--compare for several)")
-                chosen = {p: methods.strip() for p in pair_list}
-            d.run_demo(output_dir or "runs/demo", steps=steps or 100, lr=lr, lora_r=lora_r, pairings=pair_list,
-                       methods=chosen, n_test=n_test, threads=threads, console=console, rebuild=rebuild)
+        demo_command(compare=compare, real=real, output_dir=output_dir, steps=steps, pairings=pairings, lr=lr,
+                     lora_r=lora_r, seeds=seeds, methods=methods, knobs=knobs, lrs=lrs, n_test=n_test,
+                     threads=threads, rebuild=rebuild, console=console)
 
     run(go)
 

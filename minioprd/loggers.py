@@ -26,23 +26,25 @@ def flatten(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def missing_trackers(names: list[str]) -> list[str]:
+    """One problem per tracker in `names` that is not installed (checked before a run loads any model)."""
+    import importlib.util
+
+    return [f"train.report_to has {n} but it is not installed: pip install {n}" for n in names
+            if n in TRACKERS and importlib.util.find_spec(n) is None]
+
+
 class Trackers:
     def __init__(self, names: list[str], out: Path, config: dict[str, Any]):
         self.sinks: list[Any] = []
         for name in names:
-            if name == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise MinioprdError("train.report_to has tensorboard but it is not installed: "
-                                        "pip install tensorboard") from None
+            if name == "tensorboard":  # installed: `missing_trackers` was checked before the models loaded
+                from torch.utils.tensorboard import SummaryWriter
+
                 self.sinks.append(("tensorboard", SummaryWriter(log_dir=str(out / "tensorboard"))))
             elif name == "wandb":
-                try:
-                    import wandb
-                except ImportError:
-                    raise MinioprdError("train.report_to has wandb but it is not installed: pip install wandb") \
-                        from None
+                import wandb
+
                 run = wandb.init(project="minioprd", name=out.name, dir=str(out), config=config)
                 self.sinks.append(("wandb", run))
             else:

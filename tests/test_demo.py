@@ -10,24 +10,26 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from minioprd import demo as d
+from minioprd.demo import compare, runs, task
+from minioprd.demo import pairs as demo_pairs
 from minioprd.cli import app
 from minioprd.data import Example, arithmetic_solution
+from minioprd.errors import MinioprdError
 from minioprd.grading import grade
 
 # A reduced build: seconds, not minutes. The student stops after 30 steps, the teacher is the same run 90
 # steps further; the wide teacher only has to exist (its shape is what the projection path needs).
-SMALL = d.PairRecipe(eval_every=30, student_acc=1.0, student_max_steps=30, teacher_steps=90, wide_steps=5)
+SMALL = demo_pairs.PairRecipe(eval_every=30, student_acc=1.0, student_max_steps=30, teacher_steps=90, wide_steps=5)
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return d.task_splits()
+    return task.task_splits()
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return d.ensure_pairs(SMALL)
+    return demo_pairs.ensure_pairs(SMALL)
 
 
 # --------------------------------------------------------------------------------------------- task + grader
@@ -39,7 +41,7 @@ def test_splits_are_disjoint_and_sized(splits):
     prompts = {k: {e.prompt for e in v} for k, v in splits.items()}
     assert not prompts["train"] & prompts["val"] and not prompts["train"] & prompts["test"]
     assert not prompts["val"] & prompts["test"]
-    assert d.task_splits()["val"][0].prompt == splits["val"][0].prompt  # deterministic
+    assert task.task_splits()["val"][0].prompt == splits["val"][0].prompt  # deterministic
 
 
 def test_every_reference_solution_is_correct_and_grades_correct(splits):
@@ -67,8 +69,8 @@ def test_wrong_answers_grade_wrong(splits):
 
 def test_task_eval_scores_reference_answers(pairs, splits):
     """A model that answers with the reference solution scores 100%; the evaluator reads real generations."""
-    tok = d._tokenizer(pairs)
-    ev = d.TaskEval(tok, splits["test"][:8])
+    tok = demo_pairs.load_tokenizer(pairs)
+    ev = task.TestSet(tok, splits["test"][:8])
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(pairs.student)
@@ -83,9 +85,9 @@ def test_task_eval_scores_reference_answers(pairs, splits):
 
 def _token_accuracy(model, tok, examples) -> float:
     """Teacher-forced next-token accuracy on the reference solutions (a smooth stand-in for task accuracy)."""
-    from minioprd.sft import CEData, ce_batch
+    from minioprd.demo.sft import CEData, ce_batch
 
-    data = CEData.from_texts(tok, d.encode_prompts(tok, examples), [arithmetic_solution(e) for e in examples])
+    data = CEData.from_texts(tok, task.encode_prompts(tok, examples), [arithmetic_solution(e) for e in examples])
     batch = ce_batch(data.prompts, data.responses, tok.pad_token_id)
     with torch.no_grad():
         pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].argmax(-1)
@@ -100,7 +102,7 @@ def test_reduced_pair_has_a_gap_and_is_cached(pairs, splits):
     meta = pairs.meta
     assert meta["student"]["steps"] == 30 and meta["teacher"]["steps"] == 120
     assert meta["teacher"]["val_acc"] >= meta["student"]["val_acc"]
-    tok = d._tokenizer(pairs)
+    tok = demo_pairs.load_tokenizer(pairs)
     load = AutoModelForCausalLM.from_pretrained
     s_acc = _token_accuracy(load(pairs.student), tok, splits["val"][:64])
     t_acc = _token_accuracy(load(pairs.teacher("shared")), tok, splits["val"][:64])
@@ -108,7 +110,7 @@ def test_reduced_pair_has_a_gap_and_is_cached(pairs, splits):
     assert t_acc > s_acc + 0.1, (s_acc, t_acc)
     wide = load(pairs.teacher("wide"))
     assert wide.config.hidden_size > 64 and wide.config.num_hidden_layers > 2
-    assert d.ensure_pairs(SMALL).root == pairs.root  # second call loads the cache
+    assert demo_pairs.ensure_pairs(SMALL).root == pairs.root  # second call loads the cache
     assert pairs.root.name == SMALL.key() and (pairs.root / "pairs.json").is_file()
     assert not [p for p in pairs.root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
@@ -116,7 +118,7 @@ def test_reduced_pair_has_a_gap_and_is_cached(pairs, splits):
 @pytest.mark.slow
 def test_default_pair_student_and_teacher_accuracy():
     """The shipped recipe: student ~25-40%, both teachers far above (about 4 minutes of CPU)."""
-    meta = d.ensure_pairs().meta
+    meta = demo_pairs.ensure_pairs().meta
     assert 0.2 <= meta["student"]["val_acc"] <= 0.45
     assert meta["teacher"]["val_acc"] >= 0.85 and meta["wide_teacher"]["val_acc"] >= 0.8
 
@@ -126,7 +128,7 @@ def test_default_pair_student_and_teacher_accuracy():
 
 def test_demo_reduced_writes_report_and_plot(pairs, tmp_path):
     out = tmp_path / "demo"
-    report = d.run_demo(out, steps=2, eval_every=2, n_test=8, recipe=SMALL)
+    report = runs.run_demo(out, steps=2, eval_every=2, n_test=8, recipe=SMALL)
     data = json.loads((out / "report.json").read_text())
     assert [r["pairing"] for r in data["rows"]] == ["shared", "wide"]
     for row in data["rows"]:
@@ -152,7 +154,7 @@ def test_compare_reduced_picks_lr_on_validation_and_resumes(pairs, tmp_path, mon
     out = tmp_path / "cmp"
     kw = dict(seeds=2, steps=2, eval_every=2, n_test=8, recipe=SMALL, methods=("oprd", "sft_teacher"),
               pairings=("shared",), knobs=("oprd/last_layer",), lrs=(1e-3, 1e-2))
-    res = d.run_compare(out, **kw)
+    res = compare.run_compare(out, **kw)
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"oprd", "sft_teacher", "oprd/last_layer"}
     for name in ("oprd", "sft_teacher"):
@@ -165,8 +167,8 @@ def test_compare_reduced_picks_lr_on_validation_and_resumes(pairs, tmp_path, mon
     assert "| **oprd** |" in md and "| *oprd/last_layer* |" in md and "Validation accuracy" in md
     assert json.loads((out / "compare.json").read_text())["rows"][0]["method"] == "oprd"
     # a second call reuses every finished run
-    monkeypatch.setattr(d, "run_one", lambda *a, **k: pytest.fail("a finished run was recomputed"))
-    again = d.run_compare(out, **kw)
+    monkeypatch.setattr(compare, "run_one", lambda *a, **k: pytest.fail("a finished run was recomputed"))
+    again = compare.run_compare(out, **kw)
     assert [r["acc_mean"] for r in again["rows"]] == [r["acc_mean"] for r in res["rows"]]
 
 
@@ -177,14 +179,14 @@ def test_compare_bridge_rows_fit_one_bridge_and_train_in_its_subspace(pairs, tmp
     builds = []
     real = b.build_bridge
     monkeypatch.setattr(b, "build_bridge", lambda *a, **k: builds.append(a) or real(*a, **{**k, "prompts": 16}))
-    res = d.run_compare(out, seeds=1, steps=2, eval_every=2, n_test=8, recipe=SMALL, pairings=("shared", "wide"),
+    res = compare.run_compare(out, seeds=1, steps=2, eval_every=2, n_test=8, recipe=SMALL, pairings=("shared", "wide"),
                         methods=("oprd_bridge", "opd_full+oprd_bridge"), knobs=(), lrs=(1e-3,))
     # wide only (the shared-origin pair needs no bridge); one bridge for both rows, of the wide teacher
     assert [(r["pairing"], r["method"]) for r in res["rows"]] == [("wide", "oprd_bridge"),
                                                                    ("wide", "opd_full+oprd_bridge")]
     assert len(builds) == 1 and builds[0][0] == str(pairs.teacher("wide"))
     meta = json.loads((out / "bridge-wide" / "bridge.json").read_text())
-    assert meta["rank"] == d.BRIDGE_RANK
+    assert meta["rank"] == runs.BRIDGE_RANK
     for run in (out / "runs" / "wide").iterdir():
         cfg = (next(run.iterdir()) / "config.yaml").read_text()
         assert f"bridge: {out / 'bridge-wide'}" in cfg and "kind: normalized_mse" in cfg
@@ -201,12 +203,12 @@ def test_cli_demo_rejects_bad_options(tmp_path):
     assert result.exit_code == 2 and "--n-test" in result.output
     result = runner.invoke(app, ["demo", "--methods", "oprd,opd_full"])
     assert result.exit_code == 2 and "one method per pairing" in result.output
-    with pytest.raises(d.MinioprdError, match="sft_teacher|demo distills"):
-        d.run_demo(tmp_path / "y", methods={"shared": "sft_teacher"}, pairings=("shared",))
+    with pytest.raises(MinioprdError, match="sft_teacher|demo distills"):
+        runs.run_demo(tmp_path / "y", methods={"shared": "sft_teacher"}, pairings=("shared",))
 
 
 def test_cli_demo_runs_reduced(pairs, tmp_path, monkeypatch):
-    monkeypatch.setattr(d, "PairRecipe", lambda: SMALL)  # the CLI builds the default recipe: use the small one
+    monkeypatch.setattr(runs, "PairRecipe", lambda: SMALL)  # the CLI builds the default recipe: use the small one
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--steps", "1", "--n-test", "4", "--pairings",
                                       "shared,wide"], env={"COLUMNS": "200"})

@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from minioprd import demo_real as dr
+from minioprd.demo import real as dr
 from minioprd.cli import app
 from minioprd.data import load_examples
 from minioprd.errors import MinioprdError

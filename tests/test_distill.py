@@ -266,3 +266,41 @@ def test_qlora_student_trains_after_eval_mode_rollouts(tmp_path):
     assert b and all(bool((x != 0).any()) for x in b)  # B starts at zero: every LoRA layer was updated
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_config_problems_are_reported_before_any_model_loads(tmp_path, monkeypatch):
+    """eval_every with nothing to evaluate and a tracker that is not installed: both named at once, no weights
+    loaded, nothing written."""
+    import importlib.util
+
+    import minioprd.distill as d
+    from minioprd.config import load_config
+    from minioprd.errors import ConfigError
+
+    monkeypatch.setattr(d, "prepare", lambda *a, **k: pytest.fail("models were loaded before the config was checked"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = load_config(RECIPE, {"train.output_dir": str(tmp_path / "run"), "train.eval_every": 2, "eval.holdout": 0,
+                               "train.report_to": ["wandb"]})
+    with pytest.raises(ConfigError) as e:
+        d.distill(cfg)
+    assert len(e.value.problems) == 2
+    assert "pip install wandb" in e.value.problems[0] and "nothing to evaluate on" in e.value.problems[1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_state_round_trips_through_a_checkpoint_dict():
+    """The counters a checkpoint saves restore every field; an older checkpoint's subset leaves the rest alone."""
+    from minioprd.distill import RunState
+
+    st = RunState(loss_scale=2.0**15, loss_scale_clean=7, overflow_steps=2, nonfinite_in_row=1, nonfinite_total=3,
+                  collapse_warnings=4, best=0.5, best_step=20, elapsed_before=10.0)
+    saved = json.loads(json.dumps(st.counters()))  # what trainer_state.json holds
+    assert saved["elapsed_before"] >= 10.0 and "started" not in saved and "step" not in saved
+    back = RunState()
+    back.restore(30, saved)
+    assert (back.step, back.loss_scale, back.best, back.best_step, back.collapse_warnings) == (30, 2.0**15, 0.5, 20, 4)
+    old = RunState()
+    old.restore(4, {"nonfinite_in_row": 0, "nonfinite_total": 1, "elapsed_before": 3.0, "loss_scale": 1.0,
+                    "loss_scale_clean": 0, "overflow_steps": 0})
+    assert old.nonfinite_total == 1 and old.best is None and old.collapse_warnings == 0

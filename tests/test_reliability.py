@@ -187,14 +187,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 def test_out_of_memory_keeps_a_checkpoint_and_names_fixes(tmp_path, monkeypatch):
     import minioprd.distill as d
 
-    orig = d._train_step
+    orig = d.train_step
 
-    def patched(s, cfg, step, *a, **k):
+    def patched(s, opt, state, step):
         if step == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return orig(s, cfg, step, *a, **k)
+        return orig(s, opt, state, step)
 
-    monkeypatch.setattr(d, "_train_step", patched)
+    monkeypatch.setattr(d, "train_step", patched)
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--steps", "6"])
     assert r.exit_code == 2
     lines = [l for l in r.stderr.splitlines() if l.strip()]
