@@ -525,48 +525,40 @@ def parse_ranks(text: str | None, rank: int) -> list[int]:
     return sorted(ranks)
 
 
-def build_bridge(teacher: str | None, student: str | None, dataset: str | None, output: str | Path, *,
-                 rank: int = 8, ranks: str | Sequence[int] | None = None, prompts: int = 2000,
-                 max_new_tokens: int = 512, max_rows: int = 16384, epochs: int = 20, lr: float = 1e-4,
-                 fit_batch_size: int = 256, init: str = "lstsq", batch_size: int = 16, layers: str = "all",
-                 convention: str = "predict",
-                 align_mode: str = "cover", teacher_quant: str = "4bit", device: str = "auto", dtype: str = "auto",
-                 split: str = "train", field: str = "auto", prompt_template: str = "{prompt}",
-                 prompt_suffix: str = "", chat_template: str = "auto", max_prompt_tokens: int = 512,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, states: str | Path | None = None,
-                 keep_states: bool = False, force: bool = False, threads: int = 0,
-                 log: Log | None = None) -> dict[str, Any]:
+def build_bridge(teacher: str | None = None, student: str | None = None, dataset: str | None = None,
+                 output: str | Path = "", *, config: Any = None, log: Log | None = None,
+                 **settings: Any) -> dict[str, Any]:
     """`minioprd bridge`: Stage 0 (unless `states` names collected states) and Stage 1; writes the bridge
-    for `rank` in `output`, and one in `output/rank-{r}` for every other rank of `ranks`. Returns a summary."""
+    for `rank` in `output`, and one in `output/rank-{r}` for every other rank of `ranks`. Returns a summary.
+
+    The settings are those of `config.BridgeCommandConfig` (help and defaults there), given as `config` or as
+    keyword arguments; every problem with them is reported at once before anything loads."""
     import os
 
+    from minioprd.config import BridgeCommandConfig
     from minioprd.models import pick_device, pick_dtype
 
+    if isinstance(settings.get("ranks"), (list, tuple)):
+        settings["ranks"] = ",".join(map(str, settings["ranks"]))
+    for key in ("states",):
+        if settings.get(key) is not None:
+            settings[key] = str(settings[key])
+    c = config or BridgeCommandConfig(teacher=teacher, student=student, dataset=dataset, output=str(output),
+                                      **settings)
+    c.check()
     log = log or (lambda m: None)
-    out = Path(output)
-    if (out / META).exists() and not force:
+    out = Path(c.output)
+    if (out / META).exists() and not c.force:
         raise MinioprdError(f"{str(out)!r} already holds a bridge: pass another --output, or --force to replace it")
-    rank_list = parse_ranks(ranks, rank) if isinstance(ranks, (str, type(None))) else parse_ranks(
-        ",".join(map(str, ranks)), rank)
-    for name, value, low in (("--prompts", prompts, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--max-rows", max_rows, 2), ("--epochs", epochs, 0), ("--batch-size", batch_size, 1),
-                             ("--fit-batch-size", fit_batch_size, 1)):
-        if value < low:
-            raise MinioprdError(f"{name} must be >= {low}, got {value}")
-    if convention not in ("predict", "token"):
-        raise MinioprdError(f"convention must be predict or token, got {convention!r}")
-    if teacher_quant not in ("4bit", "8bit", "none"):
-        raise MinioprdError(f"--teacher-quant must be 4bit, 8bit or none, got {teacher_quant!r}")
-    if align_mode not in ("cover", "exact"):
-        raise MinioprdError(f"--align must be cover or exact, got {align_mode!r}")
-    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    rank_list = parse_ranks(c.ranks, c.rank)
+    teacher, student, dataset, states, rank = c.teacher, c.student, c.dataset, c.states, c.rank
+    epochs, lr, init, max_rows, seed, keep_states = c.epochs, c.lr, c.init, c.max_rows, c.seed, c.keep_states
+    torch.set_num_threads(c.threads or max(1, os.cpu_count() or 1))
     try:
-        dev = pick_device(device)
+        dev = pick_device(c.device)
     except RuntimeError:
-        raise MinioprdError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise MinioprdError(f"dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    torch_dtype = pick_dtype(dtype, dev)
+        raise MinioprdError(f"unknown device {c.device!r}: use auto, cpu, cuda or cuda:N") from None
+    torch_dtype = pick_dtype(c.dtype, dev)
 
     if states is not None:
         states_dir = Path(states)
@@ -580,18 +572,17 @@ def build_bridge(teacher: str | None, student: str | None, dataset: str | None, 
         if not (teacher and student and dataset):
             raise MinioprdError("pass --teacher, --student and --dataset (or --states DIR to refit collected states)")
         states_dir = out / "states"
-        info = _stage0(teacher, student, dataset, states_dir, dev=dev, dtype=torch_dtype, prompts=prompts,
-                       max_new_tokens=max_new_tokens, max_rows=max_rows, batch_size=batch_size, layers=layers,
-                       convention=convention, align_mode=align_mode, teacher_quant=teacher_quant, split=split,
-                       field=field, prompt_template=prompt_template, prompt_suffix=prompt_suffix,
-                       chat_template=chat_template, max_prompt_tokens=max_prompt_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, log=log)
+        info = _stage0(teacher, student, dataset, states_dir, dev=dev, dtype=torch_dtype, prompts=c.prompts,
+                       max_new_tokens=c.max_new_tokens, max_rows=max_rows, batch_size=c.batch_size, layers=c.layers,
+                       convention=c.convention, align_mode=c.align_mode, teacher_quant=c.teacher_quant,
+                       split=c.split, field=c.field, prompt_template=c.prompt_template,
+                       prompt_suffix=c.prompt_suffix, chat_template=c.chat_template,
+                       max_prompt_tokens=c.max_prompt_tokens, temperature=c.temperature, top_p=c.top_p, seed=seed,
+                       log=log)
 
-    if init not in INITS:
-        raise MinioprdError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     log(f"stage 1: PCA per teacher layer, P_S per pair; ranks {rank_list}, {init} start + {epochs} AdamW "
         f"epochs at lr {lr}")
-    fits, split_rows = fit(states_dir, rank_list, epochs=epochs, lr=lr, batch_size=fit_batch_size,
+    fits, split_rows = fit(states_dir, rank_list, epochs=epochs, lr=lr, batch_size=c.fit_batch_size,
                            max_rows=max_rows, seed=seed, init=init, device=dev, log=log)
     sweep = {str(r): {"mean_val_cos": round(sum(f.val_cos for f in fs) / len(fs), 6),
                       "mean_explained_var": round(sum(f.explained for f in fs) / len(fs), 6)}
@@ -600,7 +591,7 @@ def build_bridge(teacher: str | None, student: str | None, dataset: str | None, 
             "teacher_layers", "same_tokenizer", "convention", "align_mode", "prompts", "max_new_tokens",
             "dataset", "teacher_quant")
     meta = {k: info[k] for k in keys if k in info}
-    meta["fit"] = {"init": init, "epochs": epochs, "lr": lr, "weight_decay": 0.0, "batch_size": fit_batch_size,
+    meta["fit"] = {"init": init, "epochs": epochs, "lr": lr, "weight_decay": 0.0, "batch_size": c.fit_batch_size,
                    "val_fraction": 0.1, "seed": seed, **split_rows, "max_rows": max_rows}
     meta["collect"] = {k: info[k] for k in ("rows", "tokens", "response_len", "eos_frac", "aligned_frac",
                                             "exact_frac") if k in info}
@@ -699,3 +690,7 @@ def print_bridge(summary: dict[str, Any], console: Any) -> None:
             s.add_row(r + (" *" if int(r) == summary["best_rank"] else ""), f"{m['mean_val_cos']:.4f}",
                       f"{100 * m['mean_explained_var']:.1f}%")
         console.print(s)
+    console.print(f"wrote {summary['output']} (r={summary['rank']}, mean val cos "
+                  f"{sum(summary['val_cos']) / len(summary['val_cos']):.4f})"
+                  + (f"; other ranks in {', '.join(summary['other_ranks'])}" if summary["other_ranks"] else ""),
+                  markup=False, highlight=False)

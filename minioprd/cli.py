@@ -216,46 +216,45 @@ def distill(
     run(go)
 
 
+def _h(cls_name: str, name: str) -> str:
+    """Option help from the command's config dataclass (config.py), so the two never drift apart."""
+    import minioprd.config as config
+
+    return config.help_of(getattr(config, cls_name), name)
+
+
+def _e(name: str) -> str:
+    return _h("EvalCommandConfig", name)
+
+
 @app.command("eval")
 def eval_(
-    model: Annotated[Optional[list[str]], typer.Option(
-        "--model", "-m", help="Model to evaluate, repeatable: name/hub id/dir, an adapter or run dir, BASE+ADAPTER; "
-        "add @4bit to load it in 4 bit.", show_default=False)] = None,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Hub data set, local jsonl/json/parquet/csv, or "
-                                         "builtin:arithmetic.", show_default=False)] = "",
-    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Where samples.jsonl and summary.json go; "
-                                            "rerun with the same dir to resume.", show_default=False)] = "",
-    preset: Annotated[Optional[str], typer.Option(help="Data format: aime24, aime25, amc23, aimo, math500, minerva, "
-                                                  "olympiad, math-train, dapo, matharena, gsm8k.")] = None,
-    split: Annotated[str, typer.Option(help="Split of a hub data set.")] = "test",
-    field: Annotated[str, typer.Option(help="Problem column (default: the preset's, or auto-detect).")] = "auto",
-    answer_field: Annotated[str, typer.Option(help="Answer column; dotted names read a struct "
-                                              "(reward_model.ground_truth).")] = "auto",
-    k: Annotated[int, typer.Option("--k", "-k", help="Samples per problem (avg@k, pass@k, maj@k).")] = 1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (the paper's 0.7).")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling (the paper's 0.95).")] = 0.95,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (then k must be 1).")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Token budget per response.")] = 4096,
-    batch_size: Annotated[int, typer.Option(help="Sequences per generate call.")] = 16,
-    prompt_suffix: Annotated[Optional[str], typer.Option(help="Text after each problem (default: the preset's, "
-                                                         "else the paper's boxed instruction; '' for none).",
-                                                         show_default=False)] = None,
-    chat_template: Annotated[str, typer.Option(help="auto, true or false.")] = "auto",
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts are skipped (and counted).")] = 4096,
-    max_problems: Annotated[int, typer.Option(help="Only the first N problems (0 = all).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    teacher: Annotated[Optional[str], typer.Option(help="Alignment mode: the teacher to compare the student "
-                                                   "with.", show_default=False)] = None,
-    student: Annotated[Optional[str], typer.Option(help="Alignment mode: the student (a model, or a run/adapter "
-                                                   "dir).", show_default=False)] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="Alignment mode: the run's adapter (or run dir).",
-                                                   show_default=False)] = None,
-    teacher_quant: Annotated[str, typer.Option(help="Alignment mode: teacher weights, 4bit, 8bit or none.")]
-    = "4bit",
-    layers: Annotated[str, typer.Option(help="Alignment mode without a run: student layers to compare "
-                                        "(all, last, even, odd).")] = "all",
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help=_e("models"), show_default=False)]
+    = None,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help=_e("dataset"), show_default=False)] = "",
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help=_e("output_dir"), show_default=False)] = "",
+    preset: Annotated[Optional[str], typer.Option(help=_e("preset"))] = None,
+    split: Annotated[str, typer.Option(help=_e("split"))] = "test",
+    field: Annotated[str, typer.Option(help=_e("field"))] = "auto",
+    answer_field: Annotated[str, typer.Option(help=_e("answer_field"))] = "auto",
+    k: Annotated[int, typer.Option("--k", "-k", help=_e("k"))] = 1,
+    temperature: Annotated[float, typer.Option(help=_e("temperature"))] = 0.7,
+    top_p: Annotated[float, typer.Option(help=_e("top_p"))] = 0.95,
+    greedy: Annotated[bool, typer.Option("--greedy", help=_e("greedy"))] = False,
+    max_new_tokens: Annotated[int, typer.Option(help=_e("max_new_tokens"))] = 4096,
+    batch_size: Annotated[int, typer.Option(help=_e("batch_size"))] = 16,
+    prompt_suffix: Annotated[Optional[str], typer.Option(help=_e("prompt_suffix"), show_default=False)] = None,
+    chat_template: Annotated[str, typer.Option(help=_e("chat_template"))] = "auto",
+    max_prompt_tokens: Annotated[int, typer.Option(help=_e("max_prompt_tokens"))] = 4096,
+    max_problems: Annotated[int, typer.Option(help=_e("max_problems"))] = 0,
+    device: Annotated[str, typer.Option(help=_e("device"))] = "auto",
+    dtype: Annotated[str, typer.Option(help=_e("dtype"))] = "auto",
+    seed: Annotated[int, typer.Option(help=_e("seed"))] = 0,
+    teacher: Annotated[Optional[str], typer.Option(help=_e("teacher"), show_default=False)] = None,
+    student: Annotated[Optional[str], typer.Option(help=_e("student"), show_default=False)] = None,
+    adapter: Annotated[Optional[str], typer.Option(help=_e("adapter"), show_default=False)] = None,
+    teacher_quant: Annotated[str, typer.Option(help=_e("teacher_quant"))] = "4bit",
+    layers: Annotated[str, typer.Option(help=_e("layers"))] = "all",
 ) -> None:
     """Evaluate models on a math set (accuracy, pass@k, length, repetition), or a student's alignment to its
     teacher (per-layer cosine, reverse KL) with --teacher.
@@ -263,38 +262,33 @@ def eval_(
     [bold]minioprd eval -m Qwen2.5-0.5B -m runs/x -d AIME24/test.parquet --preset aime24 -k 16 -o runs/x/eval[/bold]
     [bold]minioprd eval --teacher Qwen2.5-7B --adapter runs/x --dataset prompts.jsonl -o runs/x/align[/bold]
     """
+    values = {k: v for k, v in locals().items() if k != "model"}
 
     def go() -> None:
-        from minioprd.errors import MinioprdError
+        from minioprd.config import EvalCommandConfig
 
-        if not dataset:
-            raise MinioprdError("pass --dataset (a local file, a hub data set or builtin:arithmetic)")
-        if not output_dir:
-            raise MinioprdError("pass --output-dir DIR (a rerun with the same DIR resumes)")
+        cfg = EvalCommandConfig(models=list(model or []), **values)
+        cfg.check()
         _quiet_libraries()
-        if teacher or student or adapter:
-            if model:
-                raise MinioprdError("--model is for task accuracy, --teacher/--student/--adapter for alignment: "
-                                    "run them as two commands")
-            if not teacher:
-                raise MinioprdError("alignment mode needs --teacher MODEL")
+        if cfg.alignment:
             from minioprd.evaluate import evaluate_alignment
 
-            evaluate_alignment(teacher, dataset, output_dir, student=student, adapter=adapter, split=split, preset=preset,
-                  field=field, max_problems=max_problems, temperature=temperature, greedy=greedy,
-                  max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_suffix=prompt_suffix,
-                  chat_template=chat_template, max_prompt_tokens=max_prompt_tokens, teacher_quant=teacher_quant,
-                  layers=layers, device=device, dtype=dtype, seed=seed, console=console)
+            evaluate_alignment(cfg.teacher, cfg.dataset, cfg.output_dir, student=cfg.student, adapter=cfg.adapter,
+                               split=cfg.split, preset=cfg.preset, field=cfg.field, max_problems=cfg.max_problems,
+                               temperature=cfg.temperature, greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, prompt_suffix=cfg.prompt_suffix,
+                               chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
+                               teacher_quant=cfg.teacher_quant, layers=cfg.layers, device=cfg.device,
+                               dtype=cfg.dtype, seed=cfg.seed, console=console)
             return
-        if not model:
-            raise MinioprdError("pass --model at least once (or --teacher/--student for alignment)")
         from minioprd.evaluate import evaluate
 
-        evaluate(model, dataset, output_dir, split=split, preset=preset, field=field, answer_field=answer_field,
-                 k=k, temperature=temperature, top_p=top_p, greedy=greedy, max_new_tokens=max_new_tokens,
-                 batch_size=batch_size, prompt_suffix=prompt_suffix, chat_template=chat_template,
-                 max_prompt_tokens=max_prompt_tokens, max_problems=max_problems, device=device, dtype=dtype,
-                 seed=seed, console=console)
+        evaluate(cfg.models, cfg.dataset, cfg.output_dir, split=cfg.split, preset=cfg.preset, field=cfg.field,
+                 answer_field=cfg.answer_field, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                 greedy=cfg.greedy, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                 prompt_suffix=cfg.prompt_suffix, chat_template=cfg.chat_template,
+                 max_prompt_tokens=cfg.max_prompt_tokens, max_problems=cfg.max_problems, device=cfg.device,
+                 dtype=cfg.dtype, seed=cfg.seed, console=console)
 
     run(go)
 
@@ -403,77 +397,60 @@ def merge(
     run(go)
 
 
+def _b(name: str) -> str:
+    return _h("BridgeCommandConfig", name)
+
+
 @app.command("bridge")
 def bridge(
-    teacher: Annotated[Optional[str], typer.Option(help="Teacher: dir, hub id or name (Qwen2.5-7B).",
-                                                   show_default=False)] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student: dir, hub id or name (Qwen2.5-0.5B).",
-                                                   show_default=False)] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Prompts: hub data set or local jsonl/json/parquet/csv.",
-                                                   show_default=False)] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="Bridge directory (bridge.safetensors + "
-                                        "bridge.json; other swept ranks in rank-R/).", show_default=False)] = "",
-    rank: Annotated[int, typer.Option(help="Rank r of the saved bridge (the paper: 8; 4 across tokenizers).")] = 8,
-    ranks: Annotated[Optional[str], typer.Option(help="Rank sweep, e.g. 4,8,16: mean validation cosine per rank.",
-                                                 show_default=False)] = None,
-    prompts: Annotated[int, typer.Option(help="Stage 0: prompts answered by the student (one response each).")]
-    = 2000,
-    max_new_tokens: Annotated[int, typer.Option(help="Stage 0: longest response.")] = 512,
-    max_rows: Annotated[int, typer.Option(help="Response positions kept per layer (PCA and P_S rows).")] = 16384,
-    epochs: Annotated[int, typer.Option(help="Stage 1: AdamW epochs per projection.")] = 20,
-    lr: Annotated[float, typer.Option(help="Stage 1: AdamW learning rate.")] = 1e-4,
-    init: Annotated[str, typer.Option(help="Stage 1 start of P_S: lstsq (closed-form MSE fit) or random "
-                                      "(the authors').")] = "lstsq",
-    batch_size: Annotated[int, typer.Option(help="Stage 0: prompts per generate call.")] = 16,
-    layers: Annotated[str, typer.Option(help="Student layers: all, last, even or odd (mapped by Eq. 11).")] = "all",
-    convention: Annotated[str, typer.Option(help="predict or token: which state belongs to a response token.")]
-    = "predict",
-    align: Annotated[str, typer.Option(help="Different tokenizers: cover (end-covering teacher token) or exact "
-                                       "(only tokens ending where a teacher token ends).")] = "cover",
-    teacher_quant: Annotated[str, typer.Option(help="Teacher weights: 4bit, 8bit or none.")] = "4bit",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
-    split: Annotated[str, typer.Option(help="Split of a hub data set.")] = "train",
-    field: Annotated[str, typer.Option(help="Prompt column (default: auto-detect).")] = "auto",
-    prompt_suffix: Annotated[str, typer.Option(help="Text appended to every prompt.")] = "",
-    chat_template: Annotated[str, typer.Option(help="auto, true or false.")] = "auto",
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longer prompts are skipped.")] = 512,
-    temperature: Annotated[float, typer.Option(help="Stage 0 sampling temperature (the paper: 1.0).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
-    states: Annotated[Optional[str], typer.Option(help="Refit from states collected before (a --keep-states "
-                                                  "run's OUTPUT/states): skips Stage 0.", show_default=False)]
-    = None,
-    keep_states: Annotated[bool, typer.Option("--keep-states", help="Keep Stage 0's states in OUTPUT/states.")]
-    = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a bridge already in --output.")] = False,
+    teacher: Annotated[Optional[str], typer.Option(help=_b("teacher"), show_default=False)] = None,
+    student: Annotated[Optional[str], typer.Option(help=_b("student"), show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help=_b("dataset"), show_default=False)] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help=_b("output"), show_default=False)] = "",
+    rank: Annotated[int, typer.Option(help=_b("rank"))] = 8,
+    ranks: Annotated[Optional[str], typer.Option(help=_b("ranks"), show_default=False)] = None,
+    prompts: Annotated[int, typer.Option(help=_b("prompts"))] = 2000,
+    max_new_tokens: Annotated[int, typer.Option(help=_b("max_new_tokens"))] = 512,
+    max_rows: Annotated[int, typer.Option(help=_b("max_rows"))] = 16384,
+    epochs: Annotated[int, typer.Option(help=_b("epochs"))] = 20,
+    lr: Annotated[float, typer.Option(help=_b("lr"))] = 1e-4,
+    init: Annotated[str, typer.Option(help=_b("init"))] = "lstsq",
+    batch_size: Annotated[int, typer.Option(help=_b("batch_size"))] = 16,
+    layers: Annotated[str, typer.Option(help=_b("layers"))] = "all",
+    convention: Annotated[str, typer.Option(help=_b("convention"))] = "predict",
+    align_mode: Annotated[str, typer.Option("--align", help=_b("align_mode"))] = "cover",
+    teacher_quant: Annotated[str, typer.Option(help=_b("teacher_quant"))] = "4bit",
+    device: Annotated[str, typer.Option(help=_b("device"))] = "auto",
+    dtype: Annotated[str, typer.Option(help=_b("dtype"))] = "auto",
+    split: Annotated[str, typer.Option(help=_b("split"))] = "train",
+    field: Annotated[str, typer.Option(help=_b("field"))] = "auto",
+    prompt_suffix: Annotated[str, typer.Option(help=_b("prompt_suffix"))] = "",
+    chat_template: Annotated[str, typer.Option(help=_b("chat_template"))] = "auto",
+    max_prompt_tokens: Annotated[int, typer.Option(help=_b("max_prompt_tokens"))] = 512,
+    temperature: Annotated[float, typer.Option(help=_b("temperature"))] = 1.0,
+    seed: Annotated[int, typer.Option(help=_b("seed"))] = 0,
+    threads: Annotated[int, typer.Option(help=_b("threads"))] = 0,
+    states: Annotated[Optional[str], typer.Option(help=_b("states"), show_default=False)] = None,
+    keep_states: Annotated[bool, typer.Option("--keep-states", help=_b("keep_states"))] = False,
+    force: Annotated[bool, typer.Option("--force", help=_b("force"))] = False,
 ) -> None:
     """Fit an OPRD-Bridge (paper Eqs. 11-15) for a teacher and a student of different widths, depths or
     tokenizers; use it with `minioprd distill ... loss.bridge=DIR`.
 
     [bold]minioprd bridge --teacher Qwen2.5-7B --student Qwen2.5-0.5B --dataset prompts.jsonl -o bridges/q7-q05[/bold]
     """
+    values = dict(locals())
 
     def go() -> None:
-        from minioprd.errors import MinioprdError
+        from minioprd.config import BridgeCommandConfig
 
-        if not output:
-            raise MinioprdError("pass --output DIR (where bridge.safetensors and bridge.json go)")
+        cfg = BridgeCommandConfig(**values)
+        cfg.check()
         _quiet_libraries()
         from minioprd.bridge import build_bridge, print_bridge
 
         say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-        summary = build_bridge(teacher, student, dataset, output, rank=rank, ranks=ranks, prompts=prompts,
-                               max_new_tokens=max_new_tokens, max_rows=max_rows, epochs=epochs, lr=lr, init=init,
-                               batch_size=batch_size, layers=layers, convention=convention, align_mode=align,
-                               teacher_quant=teacher_quant, device=device, dtype=dtype, split=split, field=field,
-                               prompt_suffix=prompt_suffix, chat_template=chat_template,
-                               max_prompt_tokens=max_prompt_tokens, temperature=temperature, seed=seed,
-                               threads=threads, states=states, keep_states=keep_states, force=force, log=say)
-        print_bridge(summary, console)
-        say(f"wrote {summary['output']} (r={summary['rank']}, mean val cos "
-            f"{sum(summary['val_cos']) / len(summary['val_cos']):.4f})"
-            + (f"; other ranks in {', '.join(summary['other_ranks'])}" if summary["other_ranks"] else ""))
+        print_bridge(build_bridge(config=cfg, log=say), console)
 
     run(go)
 

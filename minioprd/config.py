@@ -14,7 +14,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -334,23 +334,160 @@ def is_explicit(cfg: Config, key: str) -> bool:
     return key in getattr(cfg, "explicit", ()) or getattr(getattr(cfg, section), name) != default
 
 
+def field_problems(obj: Any, key: Callable[[str], str]) -> list[str]:
+    """The choices/min/max problems of one dataclass's fields (their `_f` metadata), each naming the setting
+    (`key(field name)`), its value and what is allowed."""
+    problems: list[str] = []
+    for f in dataclasses.fields(obj):
+        v, m, name = getattr(obj, f.name), f.metadata, key(f.name)
+        if "choices" in m and v not in m["choices"]:
+            problems.append(f"{name} must be one of {', '.join(m['choices'])}, got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            lo, hi = m.get("min"), m.get("max")
+            if lo is not None and (v < lo or (m.get("min_open") and v == lo)):
+                op = ">" if m.get("min_open") else ">="
+                problems.append(f"{name} must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                + f", got {v}")
+            elif hi is not None and v > hi:
+                problems.append(f"{name} must be <= {hi}, got {v}")
+    return problems
+
+
+def help_of(cls: type, name: str) -> str:
+    """A field's help text: the CLI's option help for the command configs below is the config's own."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _device_problem(flag: str, dev: str) -> list[str]:
+    ok = dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+    return [] if ok else [f"{flag} must be auto, cpu, cuda or cuda:N, got {dev!r}"]
+
+
+@dataclass
+class EvalCommandConfig:
+    """`minioprd eval`: task accuracy of models (--model), or a student's alignment to its teacher (--teacher)."""
+
+    models: list[str] = _f([], "Model to evaluate, repeatable: name/hub id/dir, an adapter or run dir, BASE+ADAPTER; "
+                           "add @4bit to load it in 4 bit.")
+    dataset: str = _f("", "Hub data set, local jsonl/json/parquet/csv, or builtin:arithmetic.")
+    output_dir: str = _f("", "Where samples.jsonl and summary.json go; rerun with the same dir to resume.")
+    preset: str | None = _f(None, "Data format: aime24, aime25, amc23, aimo, math500, minerva, olympiad, math-train, "
+                            "dapo, matharena, gsm8k.")
+    split: str = _f("test", "Split of a hub data set.")
+    field: str = _f("auto", "Problem column (default: the preset's, or auto-detect).")
+    answer_field: str = _f("auto", "Answer column; dotted names read a struct (reward_model.ground_truth).")
+    k: int = _f(1, "Samples per problem (avg@k, pass@k, maj@k).", min=1)
+    temperature: float = _f(0.7, "Sampling temperature (the paper's 0.7).", min=0.0)
+    top_p: float = _f(0.95, "Nucleus sampling (the paper's 0.95).", min=0.0, min_open=True, max=1.0)
+    greedy: bool = _f(False, "Greedy decoding (then k must be 1).")
+    max_new_tokens: int = _f(4096, "Token budget per response.", min=1)
+    batch_size: int = _f(16, "Sequences per generate call.", min=1)
+    prompt_suffix: str | None = _f(None, "Text after each problem (default: the preset's, else the paper's boxed "
+                                   "instruction; '' for none).")
+    chat_template: str = _f("auto", "auto, true or false.", choices=("auto", "true", "false"))
+    max_prompt_tokens: int = _f(4096, "Longer prompts are skipped (and counted).", min=1)
+    max_problems: int = _f(0, "Only the first N problems (0 = all).", min=0)
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: str = _f("auto", "auto, bf16, fp16 or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    seed: int = _f(0, "Random seed.")
+    teacher: str | None = _f(None, "Alignment mode: the teacher to compare the student with.")
+    student: str | None = _f(None, "Alignment mode: the student (a model, or a run/adapter dir).")
+    adapter: str | None = _f(None, "Alignment mode: the run's adapter (or run dir).")
+    teacher_quant: str = _f("4bit", "Alignment mode: teacher weights, 4bit, 8bit or none.",
+                            choices=("4bit", "8bit", "none"))
+    layers: str = _f("all", "Alignment mode without a run: student layers to compare (all, last, even, odd).",
+                     choices=LAYER_SETS)
+
+    @property
+    def alignment(self) -> bool:
+        return bool(self.teacher or self.student or self.adapter)
+
+    def check(self) -> None:
+        """Every problem with these settings, as one ConfigError (flag, value, what is allowed)."""
+        problems = field_problems(self, _flag) + _device_problem("--device", self.device)
+        if not self.dataset:
+            problems.append("pass --dataset (a local file, a hub data set or builtin:arithmetic)")
+        if not self.output_dir:
+            problems.append("pass --output-dir DIR (a rerun with the same DIR resumes)")
+        if self.greedy and self.k > 1:
+            problems.append(f"greedy decoding gives {self.k} identical samples per problem: use k=1 with --greedy, "
+                            f"or sample (drop --greedy)")
+        if self.alignment and self.models:
+            problems.append("--model is for task accuracy, --teacher/--student/--adapter for alignment: run them "
+                            "as two commands")
+        elif self.alignment and not self.teacher:
+            problems.append("alignment mode needs --teacher MODEL")
+        elif not self.alignment and not self.models:
+            problems.append("pass --model at least once (or --teacher/--student for alignment)")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class BridgeCommandConfig:
+    """`minioprd bridge`: fit an OPRD-Bridge (paper Eqs. 11-15) for a teacher and a student."""
+
+    teacher: str | None = _f(None, "Teacher: dir, hub id or name (Qwen2.5-7B).")
+    student: str | None = _f(None, "Student: dir, hub id or name (Qwen2.5-0.5B).")
+    dataset: str | None = _f(None, "Prompts: hub data set or local jsonl/json/parquet/csv.")
+    output: str = _f("", "Bridge directory (bridge.safetensors + bridge.json; other swept ranks in rank-R/).")
+    rank: int = _f(8, "Rank r of the saved bridge (the paper: 8; 4 across tokenizers).", min=1)
+    ranks: str | None = _f(None, "Rank sweep, e.g. 4,8,16: mean validation cosine per rank.")
+    prompts: int = _f(2000, "Stage 0: prompts answered by the student (one response each).", min=1)
+    max_new_tokens: int = _f(512, "Stage 0: longest response.", min=1)
+    max_rows: int = _f(16384, "Response positions kept per layer (PCA and P_S rows).", min=2)
+    epochs: int = _f(20, "Stage 1: AdamW epochs per projection.", min=0)
+    lr: float = _f(1e-4, "Stage 1: AdamW learning rate.", min=0.0, min_open=True)
+    fit_batch_size: int = _f(256, "Stage 1: rows per AdamW step.", min=1)
+    init: str = _f("lstsq", "Stage 1 start of P_S: lstsq (closed-form MSE fit) or random (the authors').",
+                   choices=("lstsq", "random"))
+    batch_size: int = _f(16, "Stage 0: prompts per generate call.", min=1)
+    layers: str = _f("all", "Student layers: all, last, even or odd (mapped by Eq. 11).", choices=LAYER_SETS)
+    convention: str = _f("predict", "predict or token: which state belongs to a response token.",
+                         choices=("predict", "token"))
+    align_mode: str = _f("cover", "Different tokenizers: cover (end-covering teacher token) or exact (only tokens "
+                         "ending where a teacher token ends).", choices=("cover", "exact"))
+    teacher_quant: str = _f("4bit", "Teacher weights: 4bit, 8bit or none.", choices=("4bit", "8bit", "none"))
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: str = _f("auto", "auto, bf16, fp16 or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    split: str = _f("train", "Split of a hub data set.")
+    field: str = _f("auto", "Prompt column (default: auto-detect).")
+    prompt_template: str = _f("{prompt}", "Python format string around each prompt.")
+    prompt_suffix: str = _f("", "Text appended to every prompt.")
+    chat_template: str = _f("auto", "auto, true or false.", choices=("auto", "true", "false"))
+    max_prompt_tokens: int = _f(512, "Longer prompts are skipped.", min=1)
+    temperature: float = _f(1.0, "Stage 0 sampling temperature (the paper: 1.0).", min=0.0)
+    top_p: float = _f(1.0, "Stage 0 nucleus sampling.", min=0.0, min_open=True, max=1.0)
+    seed: int = _f(0, "Random seed.")
+    threads: int = _f(0, "torch CPU threads (0 = all cores).", min=0)
+    states: str | None = _f(None, "Refit from states collected before (a --keep-states run's OUTPUT/states): "
+                            "skips Stage 0.")
+    keep_states: bool = _f(False, "Keep Stage 0's states in OUTPUT/states.")
+    force: bool = _f(False, "Replace a bridge already in --output.")
+
+    def check(self) -> None:
+        """Every problem with these settings, as one ConfigError (flag, value, what is allowed)."""
+        problems = field_problems(self, lambda n: _flag("align" if n == "align_mode" else n))
+        problems += _device_problem("--device", self.device)
+        if not self.output:
+            problems.append("pass --output DIR (where bridge.safetensors and bridge.json go)")
+        if self.states is None and not (self.teacher and self.student and self.dataset):
+            problems.append("pass --teacher, --student and --dataset (or --states DIR to refit collected states)")
+        if "{prompt}" not in self.prompt_template:
+            problems.append(f"--prompt-template must contain {{prompt}}, got {self.prompt_template!r}")
+        if problems:
+            raise ConfigError(problems)
+
+
 def validate(cfg: Config) -> list[str]:
     """All range and choice problems, each naming the key, the value and what is allowed."""
     problems: list[str] = []
     for sec in dataclasses.fields(cfg):
-        sub = getattr(cfg, sec.name)
-        for f in dataclasses.fields(sub):
-            v, m, key = getattr(sub, f.name), f.metadata, f"{sec.name}.{f.name}"
-            if "choices" in m and v not in m["choices"]:
-                problems.append(f"{key} must be one of {', '.join(m['choices'])}, got {v!r}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                lo, hi = m.get("min"), m.get("max")
-                if lo is not None and (v < lo or (m.get("min_open") and v == lo)):
-                    op = ">" if m.get("min_open") else ">="
-                    problems.append(f"{key} must be {op} {lo}" + (f" and <= {hi}" if hi is not None else "")
-                                    + f", got {v}")
-                elif hi is not None and v > hi:
-                    problems.append(f"{key} must be <= {hi}, got {v}")
+        problems += field_problems(getattr(cfg, sec.name), lambda name, sec=sec.name: f"{sec}.{name}")
     from minioprd.losses import REP_LOSSES  # late import: losses imports torch
 
     if cfg.loss.kind not in REP_LOSSES:

@@ -147,3 +147,23 @@ def test_4bit_teacher_whose_width_is_not_a_multiple_of_64_runs_on_cpu(tmp_path, 
 
 def test_there_are_at_least_25_cases():
     assert len(CASES) + 1 >= 25
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "-m", "builtin:tiny-student", "--k", "0", "--top-p", "2", "--dtype", "fp8", "--device", "tpu"],
+     ["--k must be >= 1, got 0", "--top-p must be <= 1.0, got 2.0", "--dtype must be one of", "--device must be",
+      "pass --dataset", "pass --output-dir"]),
+    (["eval", "--teacher", "builtin:tiny-teacher", "-m", "builtin:tiny-student", "-d", "x", "-o", "y",
+      "--greedy", "--k", "4"], ["identical samples", "two commands"]),
+    (["bridge", "--rank", "0", "--init", "magic", "--align", "loose", "--max-rows", "1"],
+     ["--rank must be >= 1, got 0", "--init must be one of lstsq, random", "--align must be one of cover, exact",
+      "--max-rows must be >= 2", "pass --output", "pass --teacher, --student and --dataset"]),
+])
+def test_eval_and_bridge_report_every_problem_at_once(args, expected, tmp_path):
+    """`eval` and `bridge` check their config dataclasses (config.py) before loading anything: one line, every
+    problem, each naming the flag and the value."""
+    r = runner.invoke(app, args)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
