@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -342,32 +343,42 @@ def _reverse_kl_rows(
     return (s_lp.exp() * (s_lp - t_lp)).sum(-1)
 
 
-def opd_sampled(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    student_head: Head,
-    teacher_head: Head,
-    *,
-    vocab_size: int,
-    k: int = 16,
-    chunk_size: int = 512,
-    temperature: float = 1.0,
-) -> Tensor:
+def _opd_loss(rows_loss: Callable[..., Tensor] | None = None, *, uses_k: bool = False) -> Any:
+    """The OPD losses' common signature around `rows_loss(s, t, y, ...)`, which returns the loss summed over the
+    selected rows: s (N, D_S) student states, t (N, D_T) teacher states (detached), y (N,) response tokens.
+
+    The loss: student_hidden (B, T, D_S) / teacher_hidden (B, T, D_T) are final post-norm states at the
+    positions whose logits predict `tokens` (B, T); mask (B, T) bool selects them; heads map (N, D) ->
+    (N, V_padded); the value is the mean over the selected rows (0, with a gradient path, when none is).
+    `k` is validated only for a loss that `uses_k`.
+    """
+    if rows_loss is None:
+        return partial(_opd_loss, uses_k=uses_k)
+
+    def loss(student_hidden: Tensor, teacher_hidden: Tensor, tokens: Tensor, mask: Tensor, student_head: Head,
+             teacher_head: Head, *, vocab_size: int, k: int = 16, chunk_size: int = 512,
+             temperature: float = 1.0) -> Tensor:
+        s, t, y = _select_rows(student_hidden, teacher_hidden, mask, tokens, vocab_size=vocab_size,
+                               chunk_size=chunk_size, temperature=temperature,
+                               k=k if uses_k else 1)
+        if s.shape[0] == 0:
+            return _empty_loss(s)
+        return rows_loss(s, t, y, student_head=student_head, teacher_head=teacher_head, vocab_size=vocab_size,
+                         k=k, chunk_size=chunk_size, temperature=temperature) / s.shape[0]
+
+    loss.__name__, loss.__qualname__, loss.__doc__ = rows_loss.__name__, rows_loss.__qualname__, rows_loss.__doc__
+    return loss
+
+
+@_opd_loss
+def opd_sampled(s: Tensor, t: Tensor, y: Tensor, *, student_head: Head, teacher_head: Head, vocab_size: int,
+                k: int, chunk_size: int, temperature: float) -> Tensor:
     """Sampled-token OPD ("top-1"): loss = −mean_t r_t log p_S(y_t), r_t = −sg(log p_S(y_t) − log p_T(y_t)).
 
     The k1 estimate of reverse KL at the sampled token used directly as the advantage (REINFORCE, no
     baseline, no reward-to-go, token-mean), so ∇loss = −mean_t r_t ∇log p_S(y_t). The value is a
-    surrogate, not a KL. `k` is ignored (common OPD signature).
-
-    student_hidden (B, T, D_S) / teacher_hidden (B, T, D_T): final post-norm states at the positions whose
-    logits predict tokens (B, T); mask (B, T) bool. Heads map (N, D) -> (N, V_padded).
+    surrogate, not a KL. `k` is ignored (common OPD signature, `_opd_loss`).
     """
-    s, t, y = _select_rows(student_hidden, teacher_hidden, mask, tokens,
-                           vocab_size=vocab_size, chunk_size=chunk_size, temperature=temperature)
-    if s.shape[0] == 0:
-        return _empty_loss(s)
     student_lp = partial(_student_log_probs_at, head=student_head, vocab_size=vocab_size, temperature=temperature)
     total = 0.0
     for rows in _chunks(s.shape[0], chunk_size):
@@ -378,22 +389,12 @@ def opd_sampled(
         s_lp = checkpoint(student_lp, s[rows], ids, use_reentrant=False)  # (c, 1)
         reward = -(s_lp.detach() - t_lp)
         total = total - (reward * s_lp).sum()
-    return total / s.shape[0]
+    return total
 
 
-def opd_topk(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    student_head: Head,
-    teacher_head: Head,
-    *,
-    vocab_size: int,
-    k: int = 16,
-    chunk_size: int = 512,
-    temperature: float = 1.0,
-) -> Tensor:
+@_opd_loss(uses_k=True)
+def opd_topk(s: Tensor, t: Tensor, y: Tensor, *, student_head: Head, teacher_head: Head, vocab_size: int,
+             k: int, chunk_size: int, temperature: float) -> Tensor:
     """Student-top-k OPD (thunlp/OPD `only_stu`, `student_p`): loss = −mean_t Σ_{j∈K_t} A_j · log p_S(j).
 
     K_t = the student's own top-k ids at t (from detached logits); w = softmax(log p_S over K_t), i.e. the
@@ -401,10 +402,6 @@ def opd_topk(
     log-probs for both models. A REINFORCE surrogate of reverse KL truncated to K_t; small k relative to the
     vocabulary is biased (findings.md). `tokens` is only validated (the sampled token plays no role).
     """
-    s, t, _ = _select_rows(student_hidden, teacher_hidden, mask, tokens, k=k,
-                           vocab_size=vocab_size, chunk_size=chunk_size, temperature=temperature)
-    if s.shape[0] == 0:
-        return _empty_loss(s)
     k = min(k, vocab_size)
     student_lp = partial(_student_log_probs_at, head=student_head, vocab_size=vocab_size, temperature=temperature)
     total = 0.0
@@ -417,38 +414,24 @@ def opd_topk(
             advantage = -torch.softmax(s_lp_k, dim=-1) * (s_lp_k - t_lp_k)  # (c, k)
         s_lp = checkpoint(student_lp, s[rows], ids, use_reentrant=False)  # (c, k)
         total = total - (advantage * s_lp).sum()
-    return total / s.shape[0]
+    return total
 
 
-def opd_full(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    tokens: Tensor,
-    mask: Tensor,
-    student_head: Head,
-    teacher_head: Head,
-    *,
-    vocab_size: int,
-    k: int = 16,
-    chunk_size: int = 512,
-    temperature: float = 1.0,
-) -> Tensor:
+@_opd_loss
+def opd_full(s: Tensor, t: Tensor, y: Tensor, *, student_head: Head, teacher_head: Head, vocab_size: int,
+             k: int, chunk_size: int, temperature: float) -> Tensor:
     """Exact reverse KL: loss = mean_t Σ_{v<vocab_size} p_S(v) (log p_S(v) − log p_T(v)), differentiable.
 
     The checkpointed chunk recomputes the teacher's log-probs in backward too: caching them would keep
     (N, V) floats alive until backward, the very tensor chunking avoids. `tokens` is only validated and
     `k` is ignored (common OPD signature).
     """
-    s, t, _ = _select_rows(student_hidden, teacher_hidden, mask, tokens,
-                           vocab_size=vocab_size, chunk_size=chunk_size, temperature=temperature)
-    if s.shape[0] == 0:
-        return _empty_loss(s)
     kl_rows = partial(_reverse_kl_rows, student_head=student_head, teacher_head=teacher_head,
                       vocab_size=vocab_size, temperature=temperature)
     total = 0.0
     for rows in _chunks(s.shape[0], chunk_size):
         total = total + checkpoint(kl_rows, s[rows], t[rows], use_reentrant=False).sum()
-    return total / s.shape[0]
+    return total
 
 
 @torch.no_grad()

@@ -34,12 +34,18 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_in_a_bridge_subspace(tmp_path, other_teacher):
-    b = tmp_path / "bridge"
+def _fit_bridge(out: Path, **sizes: int) -> Path:
+    """`minioprd bridge` for the tiny pair on builtin:arithmetic, with `sizes` as flags."""
+    flags = [x for k, v in sizes.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     r = runner.invoke(app, ["bridge", "--teacher", "builtin:tiny-teacher", "--student", "builtin:tiny-student",
-                            "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "4", "--prompts", "16",
-                            "--max-new-tokens", "8", "--epochs", "2", "--teacher-quant", "none", "--device", "cpu"])
+                            "--dataset", "builtin:arithmetic", "-o", str(out), "--teacher-quant", "none", "--device",
+                            "cpu", *flags])
     assert r.exit_code == 0, r.output
+    return out
+
+
+def test_distill_in_a_bridge_subspace(tmp_path, other_teacher):
+    b = _fit_bridge(tmp_path / "bridge", rank=4, prompts=16, max_new_tokens=8, epochs=2)
     out = tmp_path / "run"
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "4", f"loss.bridge={b}",
                             "loss.kind=normalized_mse", "loss.coef=10", "model.teacher_quant=none",
@@ -72,11 +78,7 @@ def test_distill_in_a_bridge_subspace(tmp_path, other_teacher):
 
 
 def test_bridge_for_other_models_is_refused(tmp_path, other_teacher):
-    b = tmp_path / "bridge"
-    r = runner.invoke(app, ["bridge", "--teacher", "builtin:tiny-teacher", "--student", "builtin:tiny-student",
-                            "--dataset", "builtin:arithmetic", "-o", str(b), "--rank", "2", "--prompts", "8",
-                            "--max-new-tokens", "6", "--epochs", "1", "--teacher-quant", "none", "--device", "cpu"])
-    assert r.exit_code == 0, r.output
+    b = _fit_bridge(tmp_path / "bridge", rank=2, prompts=8, max_new_tokens=6, epochs=1)
     r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(tmp_path / "run"), "--teacher", str(other_teacher),
                             f"loss.bridge={b}", "model.teacher_quant=none"])
     assert r.exit_code == 2
