@@ -26,8 +26,8 @@ and, on the generated tokens alone (EOS and padding excluded):
                 …"); fluent text almost never repeats a 4-gram three times within 32 tokens
   samples       the decoded responses (special tokens dropped), in prompt order
 
-With `cross=` (an `cross_tokenizer.CrossTokenizer`: the teacher has another tokenizer) the teacher reads each response as
-text in its own tokens and every student state is paired with the teacher state that has read the same text
+With `cross=` (a `cross_tokenizer.CrossTokenizer`: the teacher has another tokenizer) the teacher reads each
+response as text in its own tokens and every student state is paired with the teacher state that has read the same text
 (`CrossTokenizer.teacher_states`, predict convention); student tokens with no teacher counterpart are left out.
 The KL is then None (the two next-token distributions live on different vocabularies) and `aligned_frac` /
 `exact_frac` give the share of response tokens with an end-covering / exactly-ending teacher token.
@@ -277,7 +277,8 @@ def alignment_report(student: nn.Module, teacher: nn.Module, tokenizer: Any, pro
     KL and cosines are measured again as `ref_kl`, `ref_cos_last`, ...: the same tokens for every student, so
     runs compare without the confound that a looping student's own text is easy for the teacher to predict.
 
-    cross: an `cross_tokenizer.CrossTokenizer` when the teacher's tokenizer differs (module docstring); not with reference.
+    cross: a `cross_tokenizer.CrossTokenizer` when the teacher's tokenizer differs (module docstring); not with
+    reference.
     bridge: a `bridge.Bridge` for `pairs` (instead of projections): cosines in its subspace.
     """
     if not prompts:

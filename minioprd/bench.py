@@ -33,7 +33,7 @@ def build_config(arch: str) -> Any:
     """A transformers config at the real shape of `arch` (random weights are built from it)."""
     from transformers import Qwen2Config, Qwen3Config
 
-    from minioprd.plan import EMBEDDED
+    from minioprd.catalog import EMBEDDED
 
     if arch == "tiny":
         return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -569,7 +569,8 @@ def step_table(res: dict[str, Any], student: str, batch: int, response_len: int)
         table.add_column(col, justify="right")
     for r in res["rows"]:
         table.add_row(r["objective"], f"{r['step_s']:.2f}",
-                      *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)" for k in ("rollout", "teacher", "update")),
+                      *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)"
+                        for k in ("rollout", "teacher", "update")),
                       f"{r['tokens_per_s']:.1f}")
     return table
 

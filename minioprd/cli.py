@@ -499,7 +499,8 @@ def plan_(
     def go() -> None:
         import json as _json
 
-        from minioprd.plan import measure, plan, render
+        from minioprd.measure import measure, measure_line
+        from minioprd.plan import plan, render
 
         cfg = _load(recipe, values)
         p = plan(cfg, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens)
@@ -510,9 +511,7 @@ def plan_(
         if measure_run:
             _quiet_libraries()
             m = measure(cfg, steps=measure_steps)
-            console.print(f"measured ({m['how']}, {measure_steps} steps, P={m['prompt_tokens']}): "
-                          f"{m['measured_mib']:.0f} MiB; estimated {m['estimated_mib']:.0f} MiB "
-                          f"({100 * m['error']:+.0f}%)", highlight=False, markup=False)
+            console.print(measure_line(m), highlight=False, markup=False)
 
     run(go)
 

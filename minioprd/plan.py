@@ -28,14 +28,12 @@ Hugging Face cache. loss.objective=auto is planned for the objective it is expec
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from minioprd.config import CACHE_BUCKET, Config
 from minioprd.errors import MinioprdError
-from minioprd.memory import mmap_threshold, reset_peak, rss, trim_heap
+from minioprd.catalog import EMBEDDED, GPU, GPUS, ModelShape, model_shape  # noqa: F401 - the plan's names
 
 GIB = 1024**3
 MIB = 1024**2
@@ -50,203 +48,6 @@ ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of the dyn
 OPD_CHUNK = 512  # losses.py chunk_size default: rows of (chunk, V) logits alive at once
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    mib: int  # total memory as nvidia-smi reports it
-    bf16: bool  # Ampere or newer; the T4 and P100 compute in fp16
-
-
-# nvidia-smi totals (MiB) of the common cards; the CUDA context is a separate term of the estimate.
-GPUS: dict[str, GPU] = {
-    "t4": GPU("NVIDIA T4 16 GB (Colab, Kaggle)", 15360, False),
-    "p100": GPU("NVIDIA P100 16 GB (Kaggle)", 16384, False),
-    "l4": GPU("NVIDIA L4 24 GB", 23034, True),
-    "a10": GPU("NVIDIA A10 24 GB", 23028, True),
-    "3060": GPU("GeForce RTX 3060 12 GB", 12288, True),
-    "3090": GPU("GeForce RTX 3090 24 GB", 24576, True),
-    "4090": GPU("GeForce RTX 4090 24 GB", 24564, True),
-    "a100-40": GPU("NVIDIA A100 40 GB", 40960, True),
-    "a100-80": GPU("NVIDIA A100 80 GB", 81920, True),
-    "h100": GPU("NVIDIA H100 80 GB", 81559, True),
-}
-
-
-# --------------------------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory estimate needs from a model's config.json."""
-
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-    head_dim: int = 0  # 0: hidden // heads
-    dtype: str = "bfloat16"  # checkpoint dtype: what non-quantized weights load as
-    qkv_bias: bool = False  # Qwen2/2.5
-    qk_norm: bool = False  # Qwen3
-    fused: bool = False  # Phi-3/4: qkv_proj and gate_up_proj
-    source: str = ""
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.hd
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.hd
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Linear layers of one block: name -> (in, out), named as in the HF module tree."""
-        D, I = self.hidden, self.intermediate
-        if self.fused:
-            return {"qkv_proj": (D, self.q_dim + 2 * self.kv_dim), "o_proj": (self.q_dim, D),
-                    "gate_up_proj": (D, 2 * I), "down_proj": (I, D)}
-        return {"q_proj": (D, self.q_dim), "k_proj": (D, self.kv_dim), "v_proj": (D, self.kv_dim),
-                "o_proj": (self.q_dim, D), "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}
-
-    def linear_params(self) -> int:
-        """Weights of all block linear layers (what bitsandbytes quantizes)."""
-        return self.layers * sum(i * o for i, o in self.linears().values())
-
-    def other_params(self) -> int:
-        """Everything bitsandbytes leaves unquantized: embeddings, an untied lm_head, norms, biases."""
-        per_layer = 2 * self.hidden + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0) \
-            + (2 * self.hd if self.qk_norm else 0)
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
-
-    def params(self) -> int:
-        return self.linear_params() + self.other_params()
-
-
-def _m(name: str, layers: int, hidden: int, inter: int, heads: int, kv: int, vocab: int, tied: bool,
-       **kw: Any) -> ModelShape:
-    return ModelShape(name, layers, hidden, inter, heads, kv, vocab, tied, **kw)
-
-
-# Embedded configs: the numbers of each model's config.json on the Hugging Face hub (num_hidden_layers,
-# hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, vocab_size, tie_word_embeddings,
-# head_dim where set). Sources: the hub config.json files, cross-checked against the published parameter
-# counts (Qwen2.5 model cards: 0.49B/1.54B/3.09B/7.61B/14.7B/32.5B; Qwen3 cards: 0.6B/1.7B/4.0B/8.2B/14.8B/
-# 32.8B with their "non-embedding" figures; Llama 3.2/3.1 cards 1.24B/3.21B/8.03B; SmolLM2 134.5M/362M/1.71B;
-# DeepSeek-R1-Distill-Qwen-1.5B 1.78B, untied). tests/test_plan.py recomputes these totals.
-_Q25 = dict(qkv_bias=True)
-_Q3 = dict(head_dim=128, qk_norm=True)
-EMBEDDED: dict[str, ModelShape] = {s.name.lower(): s for s in [
-    _m("Qwen2.5-0.5B", 24, 896, 4864, 14, 2, 151936, True, **_Q25),
-    _m("Qwen2.5-1.5B", 28, 1536, 8960, 12, 2, 151936, True, **_Q25),
-    _m("Qwen2.5-3B", 36, 2048, 11008, 16, 2, 151936, True, **_Q25),
-    _m("Qwen2.5-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
-    _m("Qwen2.5-14B", 48, 5120, 13824, 40, 8, 152064, False, **_Q25),
-    _m("Qwen2.5-32B", 64, 5120, 27648, 40, 8, 152064, False, **_Q25),
-    _m("Qwen2.5-Math-1.5B", 28, 1536, 8960, 12, 2, 151936, True, **_Q25),
-    _m("Qwen2.5-Math-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
-    _m("DeepSeek-R1-Distill-Qwen-1.5B", 28, 1536, 8960, 12, 2, 151936, False, **_Q25),
-    _m("JustRL-DeepSeek-1.5B", 28, 1536, 8960, 12, 2, 151936, False, **_Q25),  # RL'd copy of the above
-    _m("DeepSeek-R1-Distill-Qwen-7B", 28, 3584, 18944, 28, 4, 152064, False, **_Q25),
-    _m("DeepSeek-R1-Distill-Qwen-14B", 48, 5120, 13824, 40, 8, 152064, False, **_Q25),
-    _m("Qwen3-0.6B", 28, 1024, 3072, 16, 8, 151936, True, **_Q3),
-    _m("Qwen3-1.7B", 28, 2048, 6144, 16, 8, 151936, True, **_Q3),
-    _m("Qwen3-4B", 36, 2560, 9728, 32, 8, 151936, True, **_Q3),
-    _m("Qwen3-8B", 36, 4096, 12288, 32, 8, 151936, False, **_Q3),
-    _m("Qwen3-14B", 40, 5120, 17408, 40, 8, 151936, False, **_Q3),
-    _m("Qwen3-32B", 64, 5120, 25600, 64, 8, 151936, False, **_Q3),
-    _m("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256, True, head_dim=64),
-    _m("Llama-3.2-3B", 28, 3072, 8192, 24, 8, 128256, True, head_dim=128),
-    _m("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256, False),
-    _m("SmolLM2-135M", 30, 576, 1536, 9, 3, 49152, True),
-    _m("SmolLM2-360M", 32, 960, 2560, 15, 5, 49152, True),
-    _m("SmolLM2-1.7B", 24, 2048, 8192, 32, 32, 49152, True),
-    _m("Phi-4-mini-instruct", 32, 3072, 8192, 24, 8, 200064, True, fused=True),
-    _m("Phi-4-mini-reasoning", 32, 3072, 8192, 24, 8, 200064, True, fused=True),
-]}
-_SUFFIXES = ("-instruct", "-base", "-it")
-
-
-def _embedded(name: str) -> ModelShape | None:
-    key = name.rsplit("/", 1)[-1].lower()
-    if key in EMBEDDED:
-        return EMBEDDED[key]
-    for suffix in _SUFFIXES:  # instruction-tuned variants share their base's shape
-        if key.endswith(suffix) and key[: -len(suffix)] in EMBEDDED:
-            return EMBEDDED[key[: -len(suffix)]]
-    return None
-
-
-def shape_from_config(data: dict[str, Any], name: str, source: str) -> ModelShape:
-    """A ModelShape from a parsed config.json (multimodal configs: their text_config)."""
-    data = data.get("text_config") or data
-    try:
-        heads = int(data["num_attention_heads"])
-        model_type = str(data.get("model_type", ""))
-        return ModelShape(
-            name=name, layers=int(data["num_hidden_layers"]), hidden=int(data["hidden_size"]),
-            intermediate=int(data["intermediate_size"]), heads=heads,
-            kv_heads=int(data.get("num_key_value_heads") or heads), vocab=int(data["vocab_size"]),
-            tied=bool(data.get("tie_word_embeddings", False)), head_dim=int(data.get("head_dim") or 0),
-            dtype=str(data.get("dtype") or data.get("torch_dtype") or "bfloat16"),
-            qkv_bias=model_type == "qwen2" or bool(data.get("attention_bias", False)),
-            qk_norm=model_type.startswith("qwen3"), fused=model_type.startswith("phi3"), source=source)
-    except (KeyError, TypeError, ValueError) as e:
-        raise MinioprdError(f"{source} lacks {e} (or it is not a number): the planner needs num_hidden_layers, "
-                            f"hidden_size, intermediate_size, num_attention_heads and vocab_size") from None
-
-
-def _read_config(path: Path, name: str) -> ModelShape:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinioprdError(f"could not read {path}: {e}") from None
-    return shape_from_config(data, name, str(path))
-
-
-def model_shape(name: str) -> ModelShape:
-    """Shape of a model named as `distill` takes it: builtin:*, a local directory, a hub id or a short name.
-
-    Offline: embedded configs first, then a local config.json, then the Hugging Face cache.
-    """
-    if name.startswith("builtin:"):
-        from minioprd.builtin import builtin_model_dir
-
-        return _read_config(builtin_model_dir(name) / "config.json", name)
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise MinioprdError(f"{name!r} has no config.json: pass a Hugging Face model directory")
-        return _read_config(p / "config.json", name)
-    if p.suffix == ".json" and p.is_file():
-        return _read_config(p, name)
-    shape = _embedded(name)
-    if shape is not None:
-        return ModelShape(**{**shape.__dict__, "name": name.rsplit("/", 1)[-1],
-                             "source": f"embedded config of {shape.name}"})
-    from minioprd.models import KNOWN_MODELS
-
-    repo = KNOWN_MODELS.get(name.lower(), name)
-    if "/" in repo:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(repo, "config.json")
-        except Exception:  # noqa: BLE001 - a malformed id or cache: fall through to the message
-            cached = None
-        if isinstance(cached, str):
-            return _read_config(Path(cached), name)
-    known = ", ".join(sorted(s.name for s in EMBEDDED.values()))
-    raise MinioprdError(f"no config for {name!r}: pass a local model directory or its config.json, or one of "
-                        f"the embedded models ({known})")
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -518,21 +319,70 @@ def objective_for_plan(cfg: Config, t: ModelShape, s: ModelShape, where: Where,
                                           f"{min(v for v, _ in peaks.values()) / GIB:.1f} GiB)")
 
 
+@dataclass
+class _Sizes:
+    """What the weight terms decide and the later phases use."""
+
+    teacher_weights: float
+    t_act: int  # bytes per element of the teacher's activations, and their dtype
+    t_dt: str
+    s_act: int  # the same for the student
+    s_dt: str
+    lora: dict[str, tuple[int, int]]  # the trained linears of one student block
+    n_lora: int  # trained parameters (LoRA, or every weight with lora.r=0) and their gradients' bytes each
+    g_bytes: int
+    n_proj: int  # width-projection parameters
+    full: bool  # lora.r=0
+    deq: float  # a dequantized teacher weight matrix (4/8-bit teacher), alive during its forward
+
+    def kv_per_token(self, s: ModelShape) -> float:
+        return s.layers * 2 * s.kv_dim * self.s_act
+
+
 def _fill(p: Plan, cfg: Config) -> None:
-    t, s, P, R, B, mb = p.teacher, p.student, p.prompt_tokens, p.new_tokens, p.batch, p.micro_batch
-    cuda = p.device == "cuda"
-    b = DTYPE_BYTES[p.dtype]
-    T = P + R
-    tc = 1 if p.cards == 2 else 0  # the teacher's card
-    lc = cfg.loss
-    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    """The terms and per-card phase peaks of `p`: weights, rollout, update, step, in-loop eval."""
     terms: list[Term] = []
 
     def add(name: str, nbytes: float, phase: str, card: int = 0, detail: str = "") -> float:
         terms.append(Term(name, float(nbytes), card, phase, detail))
         return float(nbytes)
 
-    # ---- static: weights and optimizer state
+    tc = 1 if p.cards == 2 else 0  # the teacher's card
+    w = _weight_terms(p, cfg, add, tc)
+    phases: list[dict[str, float]] = [dict() for _ in range(p.cards)]
+    phases[0]["rollout"] = _rollout_terms(p, cfg, w, add)
+    _update_terms(p, cfg, w, add, tc, phases)
+    if cfg.train.eval_every:
+        _eval_terms(p, cfg, w, add, tc, phases)
+    if cfg.loss.objective == "oprd":  # not counted: what an output-space OPD term would add
+        V = min(p.teacher.vocab, p.student.vocab)
+        rows = p.batch * _loss_window(p, cfg)
+        lc = cfg.loss
+        add("(not counted) OPD logits, chunked", 5 * lc.opd_chunk * V * 4 + rows * (p.student.hidden
+                                                                                  + p.teacher.hidden) * 4, "info",
+            0, f"only with loss.objective=opd_*: {lc.opd_chunk}-row chunks of (chunk, V={V}) fp32; "
+            f"unchunked (B*R, V) logits would be {3 * rows * V * 4 / GIB:.1f} GiB")
+    p.terms, p.phases = terms, phases
+    _notes(p, cfg, w.teacher_weights, tc)
+
+
+def _loss_window(p: Plan, cfg: Config) -> int:
+    """Columns of the loss (an upper bound): the first k response tokens, or all R."""
+    lc = cfg.loss
+    need_opd = lc.objective != "oprd"
+    return min(lc.k, p.new_tokens) if (lc.positions == "first_k" and not need_opd) else p.new_tokens
+
+
+def _prefill_bytes(rows: int, cols: int, shape: ModelShape, act: int, cast: bool) -> float:
+    """One block's no-grad temporaries over rows x cols tokens, plus the mask and SDPA's float copy."""
+    per_tok = act * (3 * shape.intermediate + 2 * shape.q_dim + 2 * shape.hidden) + 12 * shape.hidden \
+        + (4 * max(shape.hidden, shape.intermediate) if cast else 0)  # PEFT's fp32 cast of a LoRA input
+    return rows * cols * per_tok + rows * cols * cols * (1 + act)
+
+
+def _weight_terms(p: Plan, cfg: Config, add: Callable[..., float], tc: int) -> _Sizes:
+    """static: weights, adapter, optimizer state, projections, CUDA context."""
+    t, s, b = p.teacher, p.student, DTYPE_BYTES[p.dtype]
     ckpt = DTYPE_BYTES.get(t.dtype, 2)
     if cfg.model.teacher_quant == "4bit":
         tw = t.linear_params() * NF4_BITS / 8 + t.other_params() * ckpt
@@ -574,53 +424,59 @@ def _fill(p: Plan, cfg: Config) -> None:
     if n_proj:
         add("projections + AdamW (fp32, 3 copies)", 12 * n_proj, "static", 0,
             f"{len(p.pairs)} x Linear({s.hidden}->{t.hidden}) = {n_proj:,} params")
-    if cuda:
+    if p.device == "cuda":
         for c in range(p.cards):
             if p.on_gpu(c):
                 add("CUDA context, cuBLAS, kernels" + (" (teacher card)" if c == 1 else ""), CUDA_CONTEXT, "static",
                     c, "not visible to torch.cuda.memory_allocated; ~0.3-0.6 GiB")
+    deq = max(i * o for i, o in t.linears().values()) * 2 if cfg.model.teacher_quant != "none" else 0
+    return _Sizes(tw, t_act, t_dt, s_act, s_dt, lora, n_lora, g_bytes, n_proj, full, deq)
 
-    # ---- rollout: KV cache and generate's temporaries
-    phases: list[dict[str, float]] = [dict() for _ in range(p.cards)]
-    kv_tok = s.layers * 2 * s.kv_dim * s_act  # bytes of cache per token
+
+def _rollout_terms(p: Plan, cfg: Config, w: _Sizes, add: Callable[..., float]) -> float:
+    """rollout: the KV cache and generate's temporaries; returns the phase's bytes above static."""
+    s, B, P, R, T = p.student, p.batch, p.prompt_tokens, p.new_tokens, p.prompt_tokens + p.new_tokens
+    s_act = w.s_act
     # rollout.cache=static (auto on a GPU): allocated once for T rounded up to the bucket and kept between steps
-    static_kv = cfg.rollout.cache == "static" or (cfg.rollout.cache == "auto" and cuda)
+    static_kv = cfg.rollout.cache == "static" or (cfg.rollout.cache == "auto" and p.device == "cuda")
     if static_kv:
         T_kv = -(-T // CACHE_BUCKET) * CACHE_BUCKET
-        kv = add("rollout KV cache (static, kept between steps)", kv_tok * B * T_kv, "static", 0,
+        kv = add("rollout KV cache (static, kept between steps)", w.kv_per_token(s) * B * T_kv, "static", 0,
                  f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x {T_kv} (P={P} + R={R} rounded up to "
                  f"{CACHE_BUCKET}) x {s_act} B")
     else:
-        kv = add("rollout KV cache", kv_tok * B * T, "rollout", 0,
+        kv = add("rollout KV cache", w.kv_per_token(s) * B * T, "rollout", 0,
                  f"{s.layers} L x 2 x {s.kv_heads} kv x {s.hd} x B={B} x (P={P} + R={R}) x {s_act} B")
 
-    def prefill_bytes(rows: int, cols: int, shape: ModelShape, act: int, cast: bool) -> float:
-        """One block's no-grad temporaries over rows x cols tokens, plus the mask and SDPA's float copy."""
-        per_tok = act * (3 * shape.intermediate + 2 * shape.q_dim + 2 * shape.hidden) + 12 * shape.hidden \
-            + (4 * max(shape.hidden, shape.intermediate) if cast else 0)  # PEFT's fp32 cast of a LoRA input
-        return rows * cols * per_tok + rows * cols * cols * (1 + act)
-
-    prefill = prefill_bytes(B, P, s, s_act, s_act != 4 and not full)
+    prefill = _prefill_bytes(B, P, s, s_act, s_act != 4 and not w.full)
     sample = B * s.vocab * (s_act + 4 + 4 + 8)  # last-token logits, fp32 copy, probs, int64 scratch
     growth = 0 if static_kv else 2 * B * T * s.kv_dim * s_act  # DynamicCache grows by torch.cat: K, V copied
     roll_tr = add("rollout temporaries (prefill block / sampling)", max(prefill, sample + growth), "rollout", 0,
                   f"prefill {prefill / MIB:.0f} MiB vs sampling {(sample + growth) / MIB:.0f} MiB")
-    phases[0]["rollout"] = (0 if static_kv else kv) + roll_tr
+    return (0 if static_kv else kv) + roll_tr
 
-    # ---- update: per micro-batch
-    grads = add(("student" if full else "LoRA") + " + projection grads", g_bytes * n_lora + 4 * n_proj, "update", 0)
+
+def _update_terms(p: Plan, cfg: Config, w: _Sizes, add: Callable[..., float], tc: int,
+                  phases: list[dict[str, float]]) -> None:
+    """update (per micro-batch: gradients, teacher targets, activations kept for backward, loss) and step."""
+    t, s, mb, T = p.teacher, p.student, p.micro_batch, p.prompt_tokens + p.new_tokens
+    lc = cfg.loss
+    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    t_act, t_dt, s_act, s_dt, lora, full = w.t_act, w.t_dt, w.s_act, w.s_dt, w.lora, w.full
+    grads = add(("student" if full else "LoRA") + " + projection grads", w.g_bytes * w.n_lora + 4 * w.n_proj,
+                "update", 0)
     t_layers = ({tl for _, tl in p.pairs} if need_rep else set()) | ({t.layers} if need_opd else set())
     s_deep = max(([sl for sl, _ in p.pairs] if need_rep else []) + ([s.layers] if need_opd else []))
     t_deep = max(t_layers)
-    W = min(lc.k, R) if (lc.positions == "first_k" and not need_opd) else R  # loss window (columns), upper bound
+    W = _loss_window(p, cfg)
     norm = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     same = norm.get(t_dt, t_dt) == norm.get(s_dt, s_dt) and tc == 0
     kept_cols = T if same else W  # .to(device, dtype) copies only the window; a no-op keeps the whole view
     targets = add("teacher targets kept", len(t_layers) * mb * kept_cols * t.hidden * (t_act if same else s_act),
                   "update", 0, f"{len(t_layers)} layers x mb={mb} x {kept_cols} cols x d_T={t.hidden}"
                   + ("" if same else f" (copied to the student's {'card' if tc else 'dtype'})"))
-    deq = max(i * o for i, o in t.linears().values()) * 2 if cfg.model.teacher_quant != "none" else 0
-    t_tr = prefill_bytes(mb, T, t, t_act, False) + deq
+    deq = w.deq
+    t_tr = _prefill_bytes(mb, T, t, t_act, False) + deq
     t_transient = add("teacher forward temporaries (one block)", t_tr, "update", tc,
                       f"mb={mb} x {T} tokens, {t_deep} of {t.layers} blocks run; dequantized weight "
                       f"{deq / MIB:.0f} MiB")
@@ -657,35 +513,31 @@ def _fill(p: Plan, cfg: Config) -> None:
         phases[1]["update"] = t_transient + captured + (min(lc.opd_chunk, mb * W) * t.vocab * 6 if need_opd else 0)
     else:
         phases[0]["update"] = grads + targets + max(t_transient, s_acts + loss_t + bwd)
-    if cuda:  # foreach AdamW: one temporary of all trainables (CPU's for-loop AdamW: one tensor at a time)
-        phases[0]["step"] = grads + add("AdamW step temporaries", g_bytes * n_lora + 4 * n_proj, "step", 0)
+    if p.device == "cuda":  # foreach AdamW: one temporary of all trainables (CPU's for-loop AdamW: one at a time)
+        phases[0]["step"] = grads + add("AdamW step temporaries", w.g_bytes * w.n_lora + 4 * w.n_proj, "step", 0)
 
-    # ---- in-loop evaluation (train.eval_every): greedy rollouts, then both models' states on them at once
-    if cfg.train.eval_every:
-        Be, Te = cfg.eval.batch_size, P + cfg.eval.max_new_tokens
-        ev = kv_tok * Be * Te + max(prefill_bytes(Be, P, s, s_act, s_act != 4 and not full), Be * s.vocab * 20)
-        if cfg.eval.alignment:  # alignment_report keeps every mapped layer's full output of both models
-            n_t = len({tl for _, tl in p.pairs} | {t.layers})
-            n_s = len({sl for sl, _ in p.pairs} | {s.layers})
-            s_states, t_states = n_s * Be * Te * s.hidden * s_act, n_t * Be * Te * t.hidden * t_act
-            kl = 5 * OPD_CHUNK * min(s.vocab, t.vocab) * 4  # reverse KL per token, in chunks of logits
-            t_fwd = prefill_bytes(Be, Te, t, t_act, False) + deq
-            if tc == 1:
-                phases[1]["eval"] = t_states + t_fwd
-                ev = max(ev, s_states + n_t * Be * Te * t.hidden * s_act + max(prefill_bytes(Be, Te, s, s_act, False),
-                                                                                kl))
-            else:
-                ev = max(ev, s_states + t_states + max(t_fwd, kl))
-        phases[0]["eval"] = add("in-loop eval (rollouts, then both models' states)", ev, "eval", 0,
-                                f"eval.batch_size={Be} x {Te} tokens; lower eval.batch_size if this is the peak")
-    if not need_opd:  # ---- not counted: what an output-space OPD term would add
-        V = min(t.vocab, s.vocab)
-        rows = B * W
-        add("(not counted) OPD logits, chunked", 5 * lc.opd_chunk * V * 4 + rows * (s.hidden + t.hidden) * 4, "info",
-            0, f"only with loss.objective=opd_*: {lc.opd_chunk}-row chunks of (chunk, V={V}) fp32; "
-            f"unchunked (B*R, V) logits would be {3 * rows * V * 4 / GIB:.1f} GiB")
-    p.terms, p.phases = terms, phases
-    _notes(p, cfg, tw, tc)
+
+def _eval_terms(p: Plan, cfg: Config, w: _Sizes, add: Callable[..., float], tc: int,
+                phases: list[dict[str, float]]) -> None:
+    """in-loop evaluation (train.eval_every): greedy rollouts, then both models' states on them at once."""
+    t, s, P = p.teacher, p.student, p.prompt_tokens
+    t_act, s_act, full, deq, kv_tok = w.t_act, w.s_act, w.full, w.deq, w.kv_per_token(p.student)
+    Be, Te = cfg.eval.batch_size, P + cfg.eval.max_new_tokens
+    ev = kv_tok * Be * Te + max(_prefill_bytes(Be, P, s, s_act, s_act != 4 and not full), Be * s.vocab * 20)
+    if cfg.eval.alignment:  # alignment_report keeps every mapped layer's full output of both models
+        n_t = len({tl for _, tl in p.pairs} | {t.layers})
+        n_s = len({sl for sl, _ in p.pairs} | {s.layers})
+        s_states, t_states = n_s * Be * Te * s.hidden * s_act, n_t * Be * Te * t.hidden * t_act
+        kl = 5 * OPD_CHUNK * min(s.vocab, t.vocab) * 4  # reverse KL per token, in chunks of logits
+        t_fwd = _prefill_bytes(Be, Te, t, t_act, False) + deq
+        if tc == 1:
+            phases[1]["eval"] = t_states + t_fwd
+            ev = max(ev, s_states + n_t * Be * Te * t.hidden * s_act + max(_prefill_bytes(Be, Te, s, s_act, False),
+                                                                            kl))
+        else:
+            ev = max(ev, s_states + t_states + max(t_fwd, kl))
+    phases[0]["eval"] = add("in-loop eval (rollouts, then both models' states)", ev, "eval", 0,
+                            f"eval.batch_size={Be} x {Te} tokens; lower eval.batch_size if this is the peak")
 
 
 def _notes(p: Plan, cfg: Config, teacher_weights: float, tc: int) -> None:
@@ -808,107 +660,3 @@ def render(p: Plan, console: Any) -> None:
         console.print(f"note: {n}", highlight=False, markup=False)
 
 
-# --------------------------------------------------------------------------------------------- measuring
-
-
-def _warm_up(setup: Any) -> None:
-    """A 2-token rollout and a 4-token forward/backward: one-off allocations (BLAS/oneDNN scratch, lazily
-    imported generation code, autograd's engine) land in the baseline instead of the measured peak."""
-    import torch
-
-    from minioprd.capture import capture_hidden
-    from minioprd.rollout import rollout
-
-    ro = rollout(setup.student, setup.tokenizer, [setup.prompts[0][:4]], n=1, max_new_tokens=2)
-    pos = ro.position_ids()
-    with torch.no_grad():
-        capture_hidden(setup.teacher, ro.input_ids.to(setup.teacher_device), ro.attention_mask.to(
-            setup.teacher_device), pos.to(setup.teacher_device), [1], 0, ro.input_ids.shape[1])
-    h = capture_hidden(setup.student, ro.input_ids, ro.attention_mask, pos, [1], 0, ro.input_ids.shape[1])
-    h[0].float().pow(2).mean().backward()
-    setup.student.zero_grad(set_to_none=True)
-
-
-def measure(cfg: Config, steps: int = 2, output_dir: str | None = None, release_freed: bool = True,
-            prepare: Any = None) -> dict[str, Any]:
-    """Run `steps` real distill steps in this process; return the measured peak next to the estimate.
-
-    CUDA: torch's peak reserved memory plus the context (card total - free - reserved, read after loading),
-    against the whole estimate. CPU: the training phase, i.e. the peak RSS of the steps minus the RSS once
-    the models are loaded, their pages touched and a tiny warm-up step taken (VmHWM is reset then), against
-    the estimate minus the loaded weights: RSS also holds imported code, tokenizers and prompts that a GPU
-    never sees. Large allocations are served by mmap during the run (glibc mallopt M_MMAP_THRESHOLD=64 KiB,
-    as `MALLOC_MMAP_THRESHOLD_=65536` would) and free heap pages are trimmed before the baseline, so RSS
-    follows the live tensors (with glibc's defaults, heap fragmentation adds a run-dependent 30-270%;
-    `release_freed=False` measures that). The comparison uses the longest real prompt for P. `prepare(cfg, log)`
-    replaces `distill.prepare` (the GPU check builds random-weight models in place with it, no checkpoint).
-    """
-    import tempfile
-
-    import torch
-
-    import minioprd.distill as distill_mod
-    from minioprd import data, losses, models, rollout  # noqa: F401 - import cost belongs to the baseline
-
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg.train.steps, run_cfg.train.save_every, run_cfg.train.log_every = steps, 0, 1
-    if run_cfg.model.device == "auto":  # measure where distill will run
-        run_cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = plan(run_cfg, propose=False).device == "cuda"
-    mmap_set = False if cuda or not release_freed else mmap_threshold(64 * 1024)
-    seen: dict[str, Any] = {}
-    original = distill_mod.prepare
-
-    def prepare_then_reset(*a: Any, **kw: Any) -> Any:
-        setup = (prepare or original)(*a, **kw)
-        seen["P"] = max(len(p) for p in setup.prompts)
-        if cuda:
-            seen["context"] = {}
-            for d in sorted({str(setup.device), str(setup.teacher_device)}):
-                free, total = torch.cuda.mem_get_info(d)
-                seen["context"][d] = total - free - torch.cuda.memory_reserved(d)
-                torch.cuda.reset_peak_memory_stats(d)
-        else:
-            with torch.no_grad():  # page in memory-mapped checkpoint tensors: they are weights, not training
-                for m in (setup.student, setup.teacher, setup.projections):
-                    for t in list(m.parameters()) + list(m.buffers()):
-                        t.detach().view(-1)[:: 1024].float().sum() if t.numel() else None
-            _warm_up(setup)
-            trim_heap()  # free heap left by earlier work would otherwise be reused without showing in RSS
-            seen["after_load"] = rss("VmRSS")
-            seen["hwm_reset"] = reset_peak()
-        return setup
-
-    original_plot = distill_mod._plot
-
-    def plot_after_peak(out: Any) -> None:  # the PNG is drawn after training, in CPU memory: not part of it
-        seen["hwm"] = rss("VmHWM")
-        original_plot(out)
-
-    distill_mod.prepare, distill_mod._plot = prepare_then_reset, plot_after_peak
-    try:
-        with tempfile.TemporaryDirectory(prefix="minioprd-measure-") as tmp:
-            run_cfg.train.output_dir = output_dir or tmp
-            distill_mod.distill(run_cfg, console=None, force=True)
-    finally:
-        distill_mod.prepare, distill_mod._plot = original, original_plot
-        if mmap_set:
-            mmap_threshold(128 * 1024)  # glibc's initial value (the dynamic adjustment stays off)
-    est = plan(run_cfg, propose=False, prompt_tokens=seen.get("P"))
-    estimated = max(est.peak(c) for c in range(est.cards))
-    out: dict[str, Any] = {"device": est.device, "steps": steps, "prompt_tokens": seen.get("P"), "plan": est}
-    if cuda:
-        measured = max(torch.cuda.max_memory_reserved(d) + c for d, c in seen["context"].items())
-        out.update(estimated_mib=estimated / MIB, measured_mib=measured / MIB, error=estimated / max(measured, 1) - 1,
-                   how="whole run: torch max_memory_reserved + CUDA context")
-    else:
-        loaded = sum(t.bytes for t in est.terms if t.name.startswith(("teacher weights", "student weights",
-                                                                          "LoRA adapter")))
-        loaded += sum(t.bytes / 3 for t in est.terms if t.name.startswith("projections"))  # moments come later
-        measured = seen.get("hwm", rss("VmHWM")) - seen.get("after_load", 0)
-        out.update(estimated_mib=(estimated - loaded) / MIB, measured_mib=measured / MIB,
-                   total_estimated_mib=estimated / MIB, error=(estimated - loaded) / max(measured, 1) - 1,
-                   how="training phase: peak RSS of the steps minus RSS after loading"
-                   + ("" if seen.get("hwm_reset") else " (VmHWM could not be reset: not comparable)")
-                   + ("" if mmap_set else " (glibc's default heap: includes fragmentation)"))
-    return out

@@ -242,7 +242,7 @@ def test_estimate_matches_measured_cpu_peak(random_pair, tmp_path, overrides):
     from minioprd.config import to_yaml
 
     (tmp_path / "cfg.yaml").write_text(to_yaml(cfg, comments=False))
-    code = ("import json, sys; from minioprd.config import load_config; from minioprd.plan import measure; "
+    code = ("import json, sys; from minioprd.config import load_config; from minioprd.measure import measure; "
             "m = measure(load_config(sys.argv[1]), steps=1, output_dir=sys.argv[2]); "
             "print('RESULT' + json.dumps({k: m[k] for k in ('measured_mib', 'estimated_mib', 'error', 'how')}))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.yaml"), str(tmp_path / "run")],

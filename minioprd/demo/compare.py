@@ -255,7 +255,8 @@ def compare_markdown(result: dict[str, Any]) -> str:
                          f"{_reach(r.get('steps_to_half_gap'), r.get('reached_half_gap', 0), n)} | "
                          f"{_reach(r['steps_to_90'], r['reached_90'], n)} | "
                          f"{_pm(r['kl_mean'], r['kl_std'], pct=False, digits=3)} | "
-                         f"{fmt_num(r['cos_mean'])} | {fmt_num(r['curve_spread'] and 100 * r['curve_spread'], '.1f')} |")
+                         f"{fmt_num(r['cos_mean'])} | "
+                         f"{fmt_num(r['curve_spread'] and 100 * r['curve_spread'], '.1f')} |")
         lines.append("")
     grid_rows = [r for r in result["rows"] if r["lr_grid_val_acc"]]
     if grid_rows:

@@ -359,9 +359,9 @@ def print_demo(report: dict[str, Any], console: Any) -> None:
                       arrow(r["cos_before"], r["cos_after"]))
     console.print(table)
     console.print("pair: shared = the teacher is the student's own run trained further; wide = a wider, deeper "
-                  "teacher trained from scratch. gap = fraction closed, (after - student) / (teacher - student); KL(student "
-                  "|| teacher) per token and the hidden-state cosine (all layers), before→after, on the student's "
-                  "own greedy answers", markup=False, highlight=False)
+                  "teacher trained from scratch. gap = fraction closed, (after - student) / (teacher - student); "
+                  "KL(student || teacher) per token and the hidden-state cosine (all layers), before→after, on the "
+                  "student's own greedy answers", markup=False, highlight=False)
     if any(r["pairing"] == "wide" and r["method"] == "oprd" for r in report["rows"]):
         console.print("note: the wide teacher has another origin; vanilla OPRD needs a shared one (paper §6) and "
                       "collapses here - the default (loss.objective=auto) picks opd_full on that pairing", markup=False)
