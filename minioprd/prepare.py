@@ -49,7 +49,6 @@ class Setup:
     prompts: list[list[int]]  # token ids of the usable prompts
     pairs: list[tuple[int, int]]  # (student layer, teacher layer), hidden_states indices
     projections: nn.ModuleList  # one bias-free Linear(d_S -> d_T) per pair, empty when widths match
-    notes: list[str] = field(default_factory=list)
     bridge: Any = None  # bridge.Bridge: frozen r-dim subspace (loss.bridge), None = compare raw states
     cross: Any = None  # cross_tokenizer.CrossTokenizer when the tokenizers differ: the teacher reads the text
     skipped_prompts: int = 0
