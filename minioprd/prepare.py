@@ -20,7 +20,7 @@ from minioprd.config import Config, to_yaml
 from minioprd.errors import ConfigError, MinioprdError
 from minioprd.fit import fit_to_card
 from minioprd.layers import layer_map
-from minioprd.projections import new_projections
+from minioprd.projections import width_projections
 
 
 def check_before_loading(cfg: Config, evaluator: Callable[..., Any] | None = None) -> None:
@@ -178,7 +178,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
         log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
             f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
     elif d_s != d_t and (cfg.loss.objective == "oprd" or cfg.loss.mu > 0):  # auto picks no OPRD term at other widths
-        projections = new_projections(len(pairs), d_s, d_t, device)
+        projections = width_projections(len(pairs), d_s, d_t, device)
         log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))

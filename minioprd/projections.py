@@ -1,10 +1,10 @@
 """Width projections: one bias-free Linear(d_S -> d_T) per mapped layer pair when student and teacher widths
 differ, trained with the LoRA weights, and the one least-squares solver they (and OPRD-Bridge's P_S) start from.
 
-  new_projections   the random start: N(0, 1/d_S) entries keep the per-dimension scale of the input
-  ridge_solve       W = argmin mean ||W x - y||^2 + lambda ||W||^2 from the sums X^T X / N and X^T Y / N
-  least_squares     the same from the rows themselves (bridge.train_projection's start)
-  fit_projections   loss.projection_init=lstsq: a run's projections set to that fit on one rollout batch
+  width_projections  the random start: N(0, 1/d_S) entries keep the per-dimension scale of the input
+  ridge_solve        W = argmin mean ||W x - y||^2 + lambda ||W||^2 from the sums X^T X / N and X^T Y / N
+  least_squares      the same from the rows themselves (bridge.train_projection's start)
+  fit_projections    loss.projection_init=lstsq: a run's projections set to that fit on one rollout batch
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from minioprd.rollout import Rollout, rollout, rollout_options
 RIDGE = 1e-4  # relative ridge of a least-squares fit: negligible with many rows, keeps few rows solvable
 
 
-def new_projections(n: int, d_s: int, d_t: int, device: Any = "cpu") -> nn.ModuleList:
+def width_projections(n: int, d_s: int, d_t: int, device: Any = "cpu") -> nn.ModuleList:
     """`n` bias-free Linear(d_s -> d_t) with N(0, 1/d_s) weights (drawn from torch's global generator)."""
     projections = nn.ModuleList()
     for _ in range(n):
