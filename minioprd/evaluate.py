@@ -36,7 +36,6 @@ import gc
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -47,6 +46,7 @@ from minioprd.data import Example, load_examples, render_prompts, tokenize_promp
 from minioprd.errors import MinioprdError
 from minioprd.files import atomic_write_json, atomic_write_text
 from minioprd.grading import answers_match, grade, summarize
+from minioprd.models import adapter_base, as_adapter_dir, load_model, parse_model_spec, read_json
 from minioprd.rollout import eos_ids, rollout
 
 logger = logging.getLogger(__name__)
@@ -86,121 +86,6 @@ PRESETS: dict[str, Preset] = {
     "gsm8k": Preset("question", "answer", MATH_SUFFIX, "GSM8K (question; answer ends with `#### 72`), e.g. "
                                                        "openai/gsm8k:main"),
 }
-
-
-# --------------------------------------------------------------------------------------------- model specs
-
-
-@dataclass
-class ModelSpec:
-    label: str  # the spec as typed: the model's name in the table and in samples.jsonl
-    base: str  # what `resolve_model` opens
-    adapter: Path | None = None
-    quant: str = "none"
-
-    def describe(self) -> dict[str, Any]:
-        return {"base": self.base, "adapter": str(self.adapter) if self.adapter else None, "quant": self.quant}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MinioprdError(f"could not read {path}: {e}; is the adapter directory complete?") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _adapter_base(adapter: Path) -> tuple[str, str]:
-    """(base model, quant) an adapter was trained on: minioprd.json's student, else PEFT's base path."""
-    from minioprd.models import resolve_model
-
-    candidates: list[str] = []
-    quant = "none"
-    if (adapter / "minioprd.json").is_file():
-        meta = _read_json(adapter / "minioprd.json")
-        candidates += [str(meta[k]) for k in ("student_path", "student") if meta.get(k)]
-        quant = str(meta.get("student_quant") or "none")
-    cfg = _read_json(adapter / "adapter_config.json")
-    if cfg.get("base_model_name_or_path"):
-        candidates.append(str(cfg["base_model_name_or_path"]))
-    if not candidates:
-        raise MinioprdError(f"adapter {str(adapter)!r} does not say which base model it belongs to; "
-                            f"pass it as BASE+{adapter}")
-    first: MinioprdError | None = None
-    for c in dict.fromkeys(candidates):  # a run's student_path can be gone (a builtin under another home)
-        try:
-            resolve_model(c, "model")
-            return c, quant
-        except MinioprdError as e:
-            first = first or e
-    raise MinioprdError(f"the base model of adapter {str(adapter)!r} cannot be opened ({first}); "
-                        f"pass it as BASE+{adapter}")
-
-
-def _as_adapter_dir(p: Path) -> Path | None:
-    if (p / "adapter_config.json").is_file():
-        return p
-    if (p / "adapter" / "adapter_config.json").is_file():  # a run directory
-        return p / "adapter"
-    return None
-
-
-def parse_model_spec(spec: str) -> ModelSpec:
-    """A `--model` value as base + optional adapter + quantization (module docstring); checks it exists."""
-    from minioprd.models import resolve_model
-
-    text = spec.strip()
-    if not text:
-        raise MinioprdError("empty --model value: pass a model name, directory, adapter or run directory")
-    quant = None
-    m = re.search(r"@(none|4bit|8bit)$", text)
-    if m:
-        text, quant = text[:m.start()], m.group(1)
-    base, sep, tail = text.rpartition("+")
-    if sep and base and Path(tail).expanduser().is_dir():
-        adapter = _as_adapter_dir(Path(tail).expanduser())
-        if adapter is None:
-            raise MinioprdError(f"{tail!r} in --model {spec!r} is not a LoRA adapter (no adapter_config.json)")
-        resolve_model(base, "model")
-        return ModelSpec(spec, base, adapter, quant or "none")
-    p = Path(text).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file():
-        adapter = _as_adapter_dir(p)
-        if adapter is None:
-            raise MinioprdError(f"model directory {text!r} is neither a model (config.json), a LoRA adapter "
-                                f"(adapter_config.json) nor a run directory (adapter/)")
-        base, run_quant = _adapter_base(adapter)
-        return ModelSpec(spec, base, adapter, quant or run_quant)
-    resolve_model(text, "model")  # fails fast on a missing path, an unknown name or no network
-    return ModelSpec(spec, text, None, quant or "none")
-
-
-def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for a spec; the adapter's own tokenizer is used when it saved one."""
-    from minioprd.models import ResolvedModel, _from_pretrained, load_tokenizer, quantization_config, \
-        resolve_model
-
-    resolved = resolve_model(spec.base, "model")
-    kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype}
-    qc = quantization_config(spec.quant, dtype if dtype != torch.float32 else torch.bfloat16)
-    if qc is not None:
-        kw["quantization_config"] = qc
-    model = _from_pretrained(resolved.path, "model", **kw)
-    tok_source = resolved
-    if spec.adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(spec.adapter), is_trainable=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MinioprdError(f"could not load adapter {str(spec.adapter)!r} onto {spec.base!r}: {first}; "
-                                f"is it the adapter's base model?") from None
-        if (spec.adapter / "tokenizer_config.json").is_file():
-            tok_source = ResolvedModel(spec.label, str(spec.adapter), "")
-    model.eval()
-    model.requires_grad_(False)
-    return model, load_tokenizer(tok_source, "model")
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -406,7 +291,7 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / SETTINGS
     if path.is_file():
-        old = _read_json(path).get("settings", {})
+        old = read_json(path).get("settings", {})
         diff = [k for k in FIXED_SETTINGS if k in old and old[k] != settings[k]]
         if diff:
             shown = ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
@@ -618,7 +503,7 @@ def evaluate_alignment(teacher: str, dataset: str, output_dir: str | Path, *, st
         adapter, student = student, None  # --student runs/x: the run's trained student
     adapter_dir = None
     if adapter is not None:
-        adapter_dir = _as_adapter_dir(Path(adapter).expanduser())
+        adapter_dir = as_adapter_dir(Path(adapter).expanduser())
         if adapter_dir is None:
             raise MinioprdError(f"--adapter {adapter!r} is neither a LoRA adapter (adapter_config.json) nor a run "
                                 f"directory (adapter/)")
@@ -626,7 +511,7 @@ def evaluate_alignment(teacher: str, dataset: str, output_dir: str | Path, *, st
             raise MinioprdError(f"adapter {str(adapter_dir)!r} has no minioprd.json (layer map, projections): "
                                 f"alignment needs an adapter written by `minioprd distill`")
         if student is not None:
-            base, _ = _adapter_base(adapter_dir)
+            base, _ = adapter_base(adapter_dir)
             if resolve_model(student, "student").path != resolve_model(base, "student").path:
                 raise MinioprdError(f"--student {student!r} is not the base of adapter {str(adapter_dir)!r} "
                                     f"({base!r}); leave --student out to use the run's own base")
@@ -641,7 +526,7 @@ def evaluate_alignment(teacher: str, dataset: str, output_dir: str | Path, *, st
     if adapter_dir is not None:
         student_model, projections, pairs = load_run_student(adapter_dir, dev, torch_dtype)
         bridge = load_run_bridge(adapter_dir, teacher, dev)  # a bridge run: cosines in its subspace
-        base = resolve_model(_adapter_base(adapter_dir)[0], "student")
+        base = resolve_model(adapter_base(adapter_dir)[0], "student")
         tok_res = ResolvedModel(str(adapter_dir), str(adapter_dir), "") \
             if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = load_tokenizer(tok_res, "student")

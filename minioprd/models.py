@@ -6,7 +6,9 @@ resolved to its hub id), or `builtin:tiny-*` (toy models built offline, see `tin
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +296,111 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, teacher_vocab_rows: int
     if biggest >= teacher_vocab_rows:
         raise MinioprdError(f"the student's tokenizer has ids up to {biggest} but the teacher's embedding has "
                             f"only {teacher_vocab_rows} rows: the models do not share a vocabulary")
+
+
+# --------------------------------------------------------------------------------------------- eval model specs
+
+
+@dataclass
+class ModelSpec:
+    label: str  # the spec as typed: the model's name in the table and in samples.jsonl
+    base: str  # what `resolve_model` opens
+    adapter: Path | None = None
+    quant: str = "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"base": self.base, "adapter": str(self.adapter) if self.adapter else None, "quant": self.quant}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MinioprdError(f"could not read {path}: {e}; is the adapter directory complete?") from None
+    return data if isinstance(data, dict) else {}
+
+
+def adapter_base(adapter: Path) -> tuple[str, str]:
+    """(base model, quant) an adapter was trained on: minioprd.json's student, else PEFT's base path."""
+    candidates: list[str] = []
+    quant = "none"
+    if (adapter / "minioprd.json").is_file():
+        meta = read_json(adapter / "minioprd.json")
+        candidates += [str(meta[k]) for k in ("student_path", "student") if meta.get(k)]
+        quant = str(meta.get("student_quant") or "none")
+    cfg = read_json(adapter / "adapter_config.json")
+    if cfg.get("base_model_name_or_path"):
+        candidates.append(str(cfg["base_model_name_or_path"]))
+    if not candidates:
+        raise MinioprdError(f"adapter {str(adapter)!r} does not say which base model it belongs to; "
+                            f"pass it as BASE+{adapter}")
+    first: MinioprdError | None = None
+    for c in dict.fromkeys(candidates):  # a run's student_path can be gone (a builtin under another home)
+        try:
+            resolve_model(c, "model")
+            return c, quant
+        except MinioprdError as e:
+            first = first or e
+    raise MinioprdError(f"the base model of adapter {str(adapter)!r} cannot be opened ({first}); "
+                        f"pass it as BASE+{adapter}")
+
+
+def as_adapter_dir(p: Path) -> Path | None:
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "adapter" / "adapter_config.json").is_file():  # a run directory
+        return p / "adapter"
+    return None
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """A `--model` value as base + optional adapter + quantization (module docstring); checks it exists."""
+    text = spec.strip()
+    if not text:
+        raise MinioprdError("empty --model value: pass a model name, directory, adapter or run directory")
+    quant = None
+    m = re.search(r"@(none|4bit|8bit)$", text)
+    if m:
+        text, quant = text[:m.start()], m.group(1)
+    base, sep, tail = text.rpartition("+")
+    if sep and base and Path(tail).expanduser().is_dir():
+        adapter = as_adapter_dir(Path(tail).expanduser())
+        if adapter is None:
+            raise MinioprdError(f"{tail!r} in --model {spec!r} is not a LoRA adapter (no adapter_config.json)")
+        resolve_model(base, "model")
+        return ModelSpec(spec, base, adapter, quant or "none")
+    p = Path(text).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        adapter = as_adapter_dir(p)
+        if adapter is None:
+            raise MinioprdError(f"model directory {text!r} is neither a model (config.json), a LoRA adapter "
+                                f"(adapter_config.json) nor a run directory (adapter/)")
+        base, run_quant = adapter_base(adapter)
+        return ModelSpec(spec, base, adapter, quant or run_quant)
+    resolve_model(text, "model")  # fails fast on a missing path, an unknown name or no network
+    return ModelSpec(spec, text, None, quant or "none")
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for a spec; the adapter's own tokenizer is used when it saved one."""
+    resolved = resolve_model(spec.base, "model")
+    kw: dict[str, Any] = {"device_map": {"": str(device)}, "dtype": dtype}
+    qc = quantization_config(spec.quant, dtype if dtype != torch.float32 else torch.bfloat16)
+    if qc is not None:
+        kw["quantization_config"] = qc
+    model = _from_pretrained(resolved.path, "model", **kw)
+    tok_source = resolved
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(spec.adapter), is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MinioprdError(f"could not load adapter {str(spec.adapter)!r} onto {spec.base!r}: {first}; "
+                                f"is it the adapter's base model?") from None
+        if (spec.adapter / "tokenizer_config.json").is_file():
+            tok_source = ResolvedModel(spec.label, str(spec.adapter), "")
+    model.eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(tok_source, "model")
