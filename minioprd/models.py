@@ -1,7 +1,8 @@
-"""Loading the teacher (frozen, 4-bit by default) and the LoRA student, and checking they share a tokenizer.
+"""Loading the teacher (frozen, 4-bit by default) and the LoRA student, and checking they share a tokenizer;
+and the model specs `minioprd eval` takes (a model, an adapter or run dir, BASE+ADAPTER, @4bit).
 
 Model arguments are a local directory, a hub id (`Qwen/Qwen2.5-7B`), a known short name (`Qwen2.5-7B`,
-resolved to its hub id), or `builtin:tiny-*` (toy models built offline, see `tiny.py`).
+resolved to its hub id), or `builtin:*` (models built offline, see `builtin/`).
 """
 
 from __future__ import annotations
