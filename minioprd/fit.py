@@ -4,7 +4,7 @@ A run's memory is decided by three settings that change speed, never the result:
 (recompute the student's forward in backward), `rollout.micro_batch` (sequences per update forward, gradients
 accumulated) and `loss.opd_chunk` (rows of logits alive at once in the output-space losses). Their plain
 defaults are the fastest and assume a large card: Qwen2.5-7B -> 0.5B needs ~22 GiB with them. On CUDA,
-`fit_to_card` asks the planner (`plan.py`) for the fastest settings whose estimate fits the card's free
+`fit_to_card` asks the planner (`estimate.py`) for the fastest settings whose estimate fits the card's free
 memory, changes only the settings no recipe, flag or override set, prints them with the estimate, and stops
 with one line and a rollout size that fits when even the leanest settings do not. On a CPU it does nothing.
 
@@ -19,8 +19,9 @@ from typing import Any
 
 from minioprd.config import Config, is_explicit
 from minioprd.errors import MinioprdError
-from minioprd.plan import (CUDA_CONTEXT, GIB, GPU, MIB, ModelShape, Plan, Proposal, Where, _plan_for, _proposals,
-                           _resolve, model_shape, objective_for_plan)
+from minioprd.catalog import GPU, ModelShape, model_shape
+from minioprd.estimate import (CUDA_CONTEXT, GIB, MIB, Plan, Proposal, Where, _plan_for, _proposals, _resolve,
+                               objective_for_plan)
 
 FIT_KEYS = ("lora.gradient_checkpointing", "rollout.micro_batch", "loss.opd_chunk")
 # The estimate is an upper bound (every prompt at max_prompt_tokens, every response at full length), but the

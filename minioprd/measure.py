@@ -9,7 +9,8 @@ from typing import Any
 
 from minioprd.config import Config
 from minioprd.memory import mmap_threshold, reset_peak, rss, trim_heap
-from minioprd.plan import MIB, plan
+from minioprd.estimate import MIB
+from minioprd.plan import plan
 
 
 def _warm_up(setup: Any) -> None:

@@ -14,7 +14,9 @@ from minioprd.cli import app
 from minioprd.config import load_config
 from minioprd.errors import MinioprdError
 from minioprd.fit import FIT_KEYS, HEADROOM, detect_card, fit_to_card, ladder
-from minioprd.plan import GIB, GPUS, plan
+from minioprd.catalog import GPUS
+from minioprd.estimate import GIB
+from minioprd.plan import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"model.teacher": "Qwen2.5-7B-Instruct", "model.student": "Qwen2.5-0.5B-Instruct"}  # the README's
@@ -188,7 +190,7 @@ def test_cpu_runs_are_not_fitted(monkeypatch):
 def test_fitted_run_records_its_settings_and_reruns_as_the_same_command(monkeypatch, tmp_path):
     """The fitted values go to config.yaml, and the same command again is recognised as the same run."""
     import minioprd.fit as fit_mod
-    from minioprd.plan import GPU
+    from minioprd.catalog import GPU
 
     monkeypatch.setattr(fit_mod, "detect_card", lambda cfg: GPU("a mocked card", 614, True))  # 0.6 GiB
     args = ["distill", "-r", str(ROOT / "recipes/tiny-cpu.yaml"), "-o", str(tmp_path / "run"), "--steps", "1"]

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from minioprd.cli import app
 from minioprd.config import load_config
 from minioprd.errors import MinioprdError
-from minioprd.plan import (EMBEDDED, GIB, NF4_BITS, ModelShape, _lora_modules, _student_layer_bytes,
-                           model_shape, plan)
+from minioprd.catalog import EMBEDDED, ModelShape, model_shape
+from minioprd.estimate import GIB, NF4_BITS, _lora_modules, _student_layer_bytes
+from minioprd.plan import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
