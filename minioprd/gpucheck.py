@@ -171,9 +171,10 @@ def random_setup(cfg: Any, student_cfg: Any, teacher_cfg: Any, tok: Any, prompts
     from transformers import AutoModelForCausalLM
 
     from minioprd.capture import num_layers
-    from minioprd.distill import Setup, width_projections
     from minioprd.layers import layer_map
     from minioprd.models import attach_lora, pick_device, pick_dtype
+    from minioprd.prepare import Setup
+    from minioprd.projections import width_projections
 
     torch.set_num_threads(cfg.train.threads or max(1, os.cpu_count() or 1))
     device = pick_device(cfg.model.device)
@@ -295,10 +296,10 @@ def phase_gpu_tests(ctx: Context) -> tuple[dict[str, Any], Failed]:
 def _distill_row(ctx: Context, dtype: str) -> tuple[dict[str, Any], Failed]:
     import torch
 
+    from minioprd.builtin.tiny import build_tokenizer
     from minioprd.config import load_config
     from minioprd.files import read_jsonl
-    from minioprd.plan import measure
-    from minioprd.tiny import build_tokenizer
+    from minioprd.measure import measure
 
     sh, steps = ctx.shapes, 3
     root = ctx.work / f"distill-{dtype}"
@@ -450,11 +451,11 @@ def phase_merge_qlora(ctx: Context) -> tuple[dict[str, Any], Failed]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from minioprd.builtin.tiny import build_tokenizer
     from minioprd.config import load_config
     from minioprd.distill import distill
     from minioprd.merge import _dense, load_base, merge_adapter
     from minioprd.models import quantization_config
-    from minioprd.tiny import build_tokenizer
 
     sh = ctx.shapes
     root = ctx.work / "merge"
