@@ -179,7 +179,8 @@ def run_one(pairs: Pairs, spec: RunSpec, output_dir: Path, evals: dict[str, Any]
     result = {"pairing": spec.pairing, "method": spec.method, "objective": picked, "lr": spec.lr, "seed": spec.seed,
               "steps": spec.steps, "lora_r": cfg.lora.r, "overrides": spec.overrides, "curve": curve,
               "final": curve[-1] if curve else {}, "initial": curve[0] if curve else {}, "val_acc": val,
-              "n_test": len(evals["test"].prompts), "eval_every": spec.eval_every, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
+              "n_test": len(evals["test"].prompts), "eval_every": spec.eval_every, "seconds": time.time() - t0,
+              "cpu_seconds": time.process_time() - c0}
     atomic_write_json(output_dir / "result.json", result)
     return result
 
