@@ -64,7 +64,7 @@ def _llama3_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from minioprd.tiny import _corpus
+    from minioprd.builtin.tiny import _corpus
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tk = Tokenizer(models.BPE(ignore_merges=True))
@@ -87,7 +87,7 @@ def _make_run(root: Path, family: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
     from conftest import qwen3_tokenizer_dir
-    from minioprd.tiny import build_tokenizer
+    from minioprd.builtin.tiny import build_tokenizer
 
     if family == "qwen2":
         tok = build_tokenizer()
@@ -392,7 +392,7 @@ def test_smollm2_answers_match_in_llama_cpp(gguf_type, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minioprd.tiny import builtin_model_dir
+    from minioprd.builtin import builtin_model_dir
 
     base = builtin_model_dir("builtin:smollm2-135m-instruct")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
