@@ -117,10 +117,11 @@ def test_other_width_picks_opd_full_by_shape_without_measuring(tmp_path, monkeyp
 def test_demo_shared_origin_pair_picks_oprd(tmp_path):
     from test_demo import SMALL
 
-    from minioprd import demo as dm
+    from minioprd.demo.pairs import ensure_pairs
+    from minioprd.demo.runs import BASE_SETTINGS
 
-    pairs = dm.ensure_pairs(SMALL)  # student, and the same run further trained (shared origin)
-    settings = [f"{k}={v}" for k, v in dm.BASE_SETTINGS.items() if k not in ("loss.objective", "train.steps")]
+    pairs = ensure_pairs(SMALL)  # student, and the same run further trained (shared origin)
+    settings = [f"{k}={v}" for k, v in BASE_SETTINGS.items() if k not in ("loss.objective", "train.steps")]
     for teacher, want in ((pairs.teacher("shared"), "oprd"), (pairs.teacher("wide"), obj.APART)):
         out = tmp_path / want
         r = runner.invoke(app, ["distill", *settings, "loss.objective=auto", "--teacher", str(teacher), "--student",
@@ -172,7 +173,7 @@ def test_explicit_objective_is_never_overridden(tmp_path, monkeypatch):
 
 
 def test_other_tokenizer_fits_a_bridge_once_and_reuses_it(tmp_path, monkeypatch):
-    from test_align import other_tokenizer
+    from test_cross_tokenizer import other_tokenizer
 
     from minioprd import bridge as br
     from minioprd.builtin.tiny import build_model
@@ -243,17 +244,18 @@ def test_same_shape_toy_teacher_trained_apart(tmp_path):
     its shared-origin teacher (120): chance-level cosine, opd_full."""
     from test_demo import SMALL
 
-    from minioprd import demo as dm
     from minioprd.data import arithmetic_solution
-    from minioprd.sft import CEData, train_ce
+    from minioprd.demo import pairs as dp
+    from minioprd.demo.sft import CEData, train_ce
+    from minioprd.demo.task import encode_prompts, task_splits
 
-    pairs = dm.ensure_pairs(SMALL)
-    tok = dm._tokenizer(pairs)
-    train = dm.task_splits()["train"]
-    data = CEData.from_texts(tok, dm.encode_prompts(tok, train), [arithmetic_solution(e) for e in train])
-    model = dm.new_model("small", tok, seed=12)
+    pairs = dp.ensure_pairs(SMALL)
+    tok = dp.load_tokenizer(pairs)
+    train = task_splits()["train"]
+    data = CEData.from_texts(tok, encode_prompts(tok, train), [arithmetic_solution(e) for e in train])
+    model = dp.new_model("small", tok, seed=12)
     train_ce(model, data, steps=120, lr=SMALL.lr, batch_size=SMALL.batch_size, seed=12, pad_id=tok.pad_token_id)
-    dm._save_model(model, tok, tmp_path / "apart", {})
+    dp._save_model(model, tok, tmp_path / "apart", {})
     over = {"model.teacher_quant": "none", "data.chat_template": "true"}
     figures, d = _figures(str(tmp_path / "apart"), str(pairs.student), tmp_path / "a", **over)
     assert d.objective == obj.APART and max(figures["layer_cos"]) < 0.15, figures
