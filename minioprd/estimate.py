@@ -389,7 +389,10 @@ def _weight_terms(p: Plan, cfg: Config, add: Callable[..., float], tc: int) -> _
         add("LoRA adapter (fp32)", 4 * n_lora, "static", 0,
             f"{n_lora:,} params, r={cfg.lora.r}, {len(lora)} modules/block")
         add("AdamW moments of LoRA (2 x fp32)", 8 * n_lora, "static", 0, "exist from the first step on")
-    n_proj = len(p.pairs) * s.hidden * t.hidden if s.hidden != t.hidden else 0  # made even for OPD-only runs
+    rep_term = cfg.loss.objective == "oprd" or cfg.loss.mu > 0
+    # prepare makes width projections only where a representation term uses them (not for OPD alone, e.g. auto's
+    # opd_full across widths)
+    n_proj = len(p.pairs) * s.hidden * t.hidden if s.hidden != t.hidden and rep_term else 0
     if n_proj:
         add("projections + AdamW (fp32, 3 copies)", 12 * n_proj, "static", 0,
             f"{len(p.pairs)} x Linear({s.hidden}->{t.hidden}) = {n_proj:,} params")

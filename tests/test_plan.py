@@ -329,11 +329,11 @@ def test_cli_plan_table_json_and_errors():
                             "--gradient-checkpointing", "--micro-batch", "2", "rollout.max_new_tokens=512"])
     assert r.exit_code == 0, r.output
     assert "teacher weights" in r.output and "fits on NVIDIA T4" in r.output
-    r = runner.invoke(app, ["plan", "--teacher", "Qwen2.5-7B", "--student", "Qwen2.5-0.5B", "--vram-gb", "8",
+    r = runner.invoke(app, ["plan", "--teacher", "Qwen2.5-7B", "--student", "Qwen2.5-0.5B", "--vram-gb", "7",
                             "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["gpu_gib"] == 8 and d["fits"] is False and d["terms"][0]["name"].startswith("teacher weights")
+    assert d["gpu_gib"] == 7 and d["fits"] is False and d["terms"][0]["name"].startswith("teacher weights")
     r = runner.invoke(app, ["plan", "--teacher", "Qwen2.5-7B", "--student", "Qwen2.5-0.5B", "--gpu", "k80"])
     assert r.exit_code == 2 and "unknown --gpu 'k80'" in r.output and len(r.output.strip().splitlines()) == 1
 
