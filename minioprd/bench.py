@@ -435,9 +435,11 @@ def _random_model_dir(arch: str, out: Path, tok: Any, seed: int) -> Path:
 def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tuple[str, ...] = ("oprd",),
                    batch: int = 4, prompt_len: int = 64, response_len: int = 128, steps: int = 2,
                    device: str = "cpu", teacher_quant: str = "none", gradient_checkpointing: bool = True,
-                   threads: int = 0, log: Any = print) -> dict[str, Any]:
+                   threads: int = 0, processes: int = 1, log: Any = print) -> dict[str, Any]:
     """Whole distillation steps through `distill()` itself, on random models at real shapes: seconds and share of
     rollout / teacher forward / student update per step (the first step is a warm-up and not counted).
+    `processes` > 1: each objective also runs data-parallel in that many processes (`accelerate launch`, the same
+    global batch of `batch` prompts), side by side with one process; `speedup` is the ratio of seconds per step.
 
     Random weights never choose the end token on purpose, so every response is `response_len` long and the
     work per step is fixed. The teacher defaults to the student's shape (the paper's same-architecture case).
@@ -464,30 +466,51 @@ def run_step_bench(arch: str = "qwen2.5-0.5b", teacher: str = "", objectives: tu
         data = root / "prompts.jsonl"
         data.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(prompt_len))}) + "\n"
                                 for _ in range(batch * steps)))
-        for obj in objectives:
+        for obj, procs in [(o, n) for o in objectives for n in sorted({1, processes})]:
+            run_dir = root / f"run-{obj}-{procs}"
             over = {"model.teacher": str(t_dir), "model.student": str(s_dir), "model.teacher_quant": teacher_quant,
                     "model.device": device, "data.dataset": str(data), "data.chat_template": "false",
                     "data.max_prompt_tokens": prompt_len, "data.long_prompts": "truncate",
                     "rollout.prompts_per_step": batch, "rollout.n": 1, "rollout.max_new_tokens": response_len,
                     "loss.objective": obj, "lora.gradient_checkpointing": gradient_checkpointing,
-                    "train.steps": steps, "train.threads": threads, "train.output_dir": str(root / f"run-{obj}"),
+                    "train.steps": steps, "train.threads": threads, "train.output_dir": str(run_dir),
                     "train.collapse_threshold": 0.0, "train.collapse_repetition": 1.0}
-            distill(load_config(None, over), console=None)
-            lines = [json.loads(l) for l in (root / f"run-{obj}" / "metrics.jsonl").read_text().splitlines()][1:]
-            row = {"objective": obj, "steps_measured": len(lines)}
+            if procs == 1:
+                distill(load_config(None, over), console=None)
+            else:
+                _launch_distill(over, procs, device)
+            lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+            row = {"objective": obj, "processes": procs, "steps_measured": len(lines)}
             for key in ("rollout_s", "teacher_s", "update_s", "step_s"):
                 row[key] = sum(l[key] for l in lines) / len(lines)
             row["tokens_per_s"] = sum(l["tokens_per_s"] for l in lines) / len(lines)
             row["response_len"] = sum(l["response_len"] for l in lines) / len(lines)
             for key in ("rollout", "teacher", "update"):
                 row[f"{key}_share"] = row[f"{key}_s"] / row["step_s"]
+            if procs > 1:  # the one-process row of this objective was measured just before
+                row["speedup"] = rows[-1]["step_s"] / row["step_s"]
             rows.append(row)
-            log(f"{obj}: {row['step_s']:.2f} s/step = rollout {row['rollout_s']:.2f} + teacher {row['teacher_s']:.2f}"
+            log(f"{obj}" + (f" ({procs} processes)" if processes > 1 else "") + f": {row['step_s']:.2f} s/step = rollout {row['rollout_s']:.2f} + teacher {row['teacher_s']:.2f}"
                 f" + update {row['update_s']:.2f}")
     return {"bench": "step", "arch": arch, "teacher": teacher, "device": device, "batch": batch,
             "prompt_len": prompt_len, "response_len": response_len, "teacher_quant": teacher_quant,
             "gradient_checkpointing": gradient_checkpointing, "threads": threads or os.cpu_count(),
-            "machine": _machine(device), "rows": rows}
+            "processes": processes, "load_average": os.getloadavg()[0], "machine": _machine(device), "rows": rows}
+
+
+def _launch_distill(over: dict[str, Any], processes: int, device: str) -> None:
+    """`minioprd distill` with these overrides in `processes` data-parallel processes (accelerate launch)."""
+    import subprocess
+
+    from minioprd.errors import MinioprdError
+    from minioprd.parallel import launch_command, launch_env
+
+    args = ["distill", *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in over.items())]
+    p = subprocess.run(launch_command(processes, args), env=launch_env(device == "cpu"), capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
+        raise MinioprdError(f"the {processes}-process run failed (exit {p.returncode}): {last}")
 
 
 def _machine(device: str) -> str:
@@ -506,7 +529,7 @@ def _machine(device: str) -> str:
 def bench_command(what: str, *, student: str, teacher: str, objectives: str | None, batch: int, prompt_len: int,
                   response_len: int | None, steps: int, n: int, settings: str, topk: int, chunk: int, device: str,
                   teacher_quant: str, gradient_checkpointing: bool, micro_batch: int, threads: int,
-                  output: Path | None, console: Any) -> dict[str, Any]:
+                  output: Path | None, console: Any, processes: int = 1) -> dict[str, Any]:
     """`minioprd bench update|step|rollout`: run the bench, print its table (and write `output` as JSON)."""
     from minioprd.errors import MinioprdError
     from minioprd.files import atomic_write_json
@@ -519,7 +542,7 @@ def bench_command(what: str, *, student: str, teacher: str, objectives: str | No
         console.print(update_table(res, student, batch, response_len or 512, gradient_checkpointing))
     elif what == "step":
         res = run_step_bench(student, teacher, objs or ("oprd", "opd_topk"), batch, prompt_len, response_len or 128,
-                             max(steps, 2), device, teacher_quant, gradient_checkpointing, threads, log=say)
+                             max(steps, 2), device, teacher_quant, gradient_checkpointing, threads, processes, log=say)
         console.print(step_table(res, student, batch, response_len or 128))
     elif what == "rollout":
         names = tuple(ROLLOUT_SETTINGS) if settings.strip() == "all" else \
@@ -565,13 +588,15 @@ def step_table(res: dict[str, Any], student: str, batch: int, response_len: int)
 
     table = Table(title=f"whole step, teacher {res['teacher']} -> student {student} shape, {batch} x {response_len} "
                         f"tokens, {res['machine']}")
-    for col in ("objective", "s/step", "rollout", "teacher", "update", "gen tokens/s"):
+    several = res.get("processes", 1) > 1
+    for col in ("objective", *(("processes",) if several else ()), "s/step", "rollout", "teacher", "update",
+                "gen tokens/s", *(("speed-up",) if several else ())):
         table.add_column(col, justify="right")
     for r in res["rows"]:
-        table.add_row(r["objective"], f"{r['step_s']:.2f}",
+        table.add_row(r["objective"], *((str(r["processes"]),) if several else ()), f"{r['step_s']:.2f}",
                       *(f"{r[k + '_s']:.2f} s ({100 * r[k + '_share']:.0f}%)"
                         for k in ("rollout", "teacher", "update")),
-                      f"{r['tokens_per_s']:.1f}")
+                      f"{r['tokens_per_s']:.1f}", *((f"{r['speedup']:.2f}x" if "speedup" in r else "",) if several else ()))
     return table
 
 

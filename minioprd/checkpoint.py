@@ -191,15 +191,45 @@ def load_checkpoint(path: Path, student: Any, projections: torch.nn.Module, opti
 
 
 def resume_run(path: Path, out: Path, s: Setup, optimizer: torch.optim.Optimizer, scheduler: Any,
-               sampler: Any) -> dict[str, Any]:
+               sampler: Any, write: bool = True) -> dict[str, Any]:
     """Restore a run from its checkpoint `path` in place (weights, optimizer, schedule, prompt order, RNG) and cut
-    metrics.jsonl back to the checkpoint's step: the lines after it were lost with the crash and are recomputed
-    identically. Returns trainer_state.json (`step`, `counters`)."""
+    metrics.jsonl back to the checkpoint's step (`write`: process 0 of a multi-process run): the lines after it
+    were lost with the crash and are recomputed identically. Returns trainer_state.json (`step`, `counters`).
+
+    Everything a checkpoint holds is global (the optimizer and sampler are the same on every process), so it
+    resumes on any number of processes."""
     state = load_checkpoint(path, s.student, s.projections, optimizer, scheduler)
     sampler.load_state_dict(state["sampler"])
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if write:
+        rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return state
+
+
+# What makes two checkpoints parts of one run: the models, the prompts and their order, the global batch.
+RUN_KEYS = ("model.teacher", "model.student", "data.dataset", "data.shuffle", "train.seed",
+            "rollout.prompts_per_step", "rollout.n")
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint must share with the config resuming it (saved in trainer_state.json `run`)."""
+    d = cfg.to_dict()
+    return {k: d[k.split(".")[0]][k.split(".")[1]] for k in RUN_KEYS}
+
+
+def check_same_run(path: Path, cfg: Config) -> None:
+    """Refuse to resume from a checkpoint written by another run (another batch, seed, data or models)."""
+    try:
+        saved = json.loads((path / "trainer_state.json").read_text()).get("run")
+    except (OSError, json.JSONDecodeError):
+        return  # verify() reports an unusable checkpoint
+    if not saved:
+        return  # written before checkpoints named their run
+    now = run_identity(cfg)
+    diff = [f"{k} {saved[k]!r} there, {now[k]!r} here" for k in RUN_KEYS if k in saved and saved[k] != now[k]]
+    if diff:
+        raise MinioprdError(f"checkpoint {path} is from another run ({'; '.join(diff)}): resume with that run's "
+                            f"settings, or start over with --force or a new --output-dir")
 
 
 def _pair_order(key: str) -> tuple[int, int]:
@@ -280,6 +310,7 @@ def open_run(out: Path, cfg: Config, force: bool, resume: bool, log: Any) -> tup
     if ckpt is None:
         raise MinioprdError(f"the run in {str(out)!r} has no usable checkpoint to resume from (set "
                             f"train.save_every to write them): pass --force to start it over")
+    check_same_run(ckpt, cfg)
     return ckpt, False
 
 
@@ -289,8 +320,12 @@ class Interrupts:
     Every file is written atomically, so even the immediate exit leaves the previous checkpoint whole.
     """
 
+    # A signal within this many seconds of the first is the same request: Ctrl-C reaches every process of a
+    # multi-process run from the terminal and again from the launcher, which forwards what it got.
+    REPEAT_S = 2.0
+
     def __init__(self, log: Any):
-        self.requested, self.log, self.saved = None, log, {}
+        self.requested, self.log, self.saved, self.at = None, log, {}, 0.0
 
     def __enter__(self) -> "Interrupts":
         import threading
@@ -302,9 +337,13 @@ class Interrupts:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        import time
+
         if self.requested is not None:
+            if time.monotonic() - self.at < self.REPEAT_S:
+                return
             os._exit(130)  # second signal: no cleanup; files on disk are whole by construction
-        self.requested = signal.Signals(signum).name
+        self.requested, self.at = signal.Signals(signum).name, time.monotonic()
         self.log(f"{self.requested}: finishing this step, then saving a checkpoint (press again to quit now)")
 
     def __exit__(self, *exc: Any) -> None:

@@ -52,11 +52,14 @@ def run(fn: Callable[[], Any]) -> Any:
 
     from minioprd.errors import ConfigError, MinioprdError
 
+    quiet = os.environ.get("RANK", "0") != "0"  # in a multi-process run process 0 says what went wrong, once
     try:
         return fn()
     except ConfigError as e:
         if _state["debug"]:
             raise
+        if quiet:
+            raise typer.Exit(2) from None
         if len(e.problems) == 1:
             err_console.print(f"[red]error:[/red] {escape(e.problems[0])}", highlight=False, soft_wrap=True)
         else:
@@ -66,6 +69,8 @@ def run(fn: Callable[[], Any]) -> Any:
     except MinioprdError as e:
         if _state["debug"]:
             raise
+        if quiet:
+            raise typer.Exit(2) from None
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except torch.cuda.OutOfMemoryError:
@@ -181,6 +186,10 @@ def distill(
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue the run in this directory from its last checkpoint (its config.yaml; flags "
                          "such as --steps still apply).")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        "--num-processes", min=1, help="Data-parallel processes, each with its own teacher and student on its own "
+                                       "GPU (or CPU, gloo): re-launches this command through `accelerate launch`; "
+                                       "rollout.prompts_per_step is the global batch, split across them.")] = None,
 ) -> None:
     """Distill a teacher into a LoRA student on the student's own rollouts (OPRD).
 
@@ -211,9 +220,33 @@ def distill(
         if dry_run:
             describe(cfg, console)
             return
+        from minioprd.parallel import check_launch, launched_world
+
+        world = launched_world()
+        check_launch(cfg, world, num_processes)
+        if num_processes and num_processes > 1 and world == 1:  # start the processes; they run this same command
+            _relaunch(cfg, num_processes, force, resume is not None)
         run_distill(cfg, console=console, force=force, resume=resume is not None)
 
     run(go)
+
+
+def _relaunch(cfg: Any, num_processes: int, force: bool, resume: bool) -> None:
+    """Everything a process would refuse, refused here once (nothing written), then `accelerate launch` of this
+    same command in `num_processes` processes (this process becomes the launcher)."""
+    import torch
+
+    from minioprd.checkpoint import open_run
+    from minioprd.parallel import relaunch
+    from minioprd.prepare import check_before_loading
+
+    check_before_loading(cfg)
+    if not force:  # read-only without --force: a run that would be refused is refused before launching
+        open_run(Path(cfg.train.output_dir), cfg, False, resume, lambda m: None)
+    cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
+    console.print(f"launching {num_processes} processes ({'CPU, gloo' if cpu else 'one GPU each, nccl'}) through "
+                  f"accelerate", markup=False, highlight=False)
+    relaunch(num_processes, cpu, sys.argv[1:])
 
 
 def _h(cls_name: str, name: str) -> str:
@@ -330,6 +363,9 @@ def bench(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = all cores).")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")]
     = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="`step`: also run each objective "
+                                               "data-parallel in this many processes (same global batch) and "
+                                               "print the speed-up over one.")] = 1,
 ) -> None:
     """Measure costs side by side in one run and print ratios (never a test: timings need a quiet machine)."""
 
@@ -341,7 +377,7 @@ def bench(
                       prompt_len=prompt_len, response_len=response_len, steps=steps, n=n, settings=settings,
                       topk=topk, chunk=chunk, device=device, teacher_quant=teacher_quant,
                       gradient_checkpointing=gradient_checkpointing, micro_batch=micro_batch, threads=threads,
-                      output=output, console=console)
+                      output=output, console=console, processes=num_processes)
 
     run(go)
 
@@ -484,6 +520,9 @@ def plan_(
     measure_run: Annotated[bool, typer.Option("--measure", help="Also run a few real steps here and print the "
                                               "measured peak next to the estimate.")] = False,
     measure_steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 2,
+    num_processes: Annotated[int, typer.Option(
+        "--num-processes", min=1, help="Data-parallel processes (distill --num-processes): per-GPU memory of "
+                                       "one of them and the expected throughput gain.")] = 1,
 ) -> None:
     """Estimate GPU memory term by term, say whether the run fits, and propose rollout sizes that do.
 
@@ -503,11 +542,18 @@ def plan_(
         from minioprd.plan import plan, render
 
         cfg = _load(recipe, values)
-        p = plan(cfg, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens)
+        if num_processes > 1:
+            from minioprd.plan import plan_processes, render_processes
+
+            p, info = plan_processes(cfg, num_processes, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens)
+        else:
+            p, info = plan(cfg, gpu=gpu, vram_gb=vram_gb, prompt_tokens=prompt_tokens), None
         if json_out:
-            console.print_json(_json.dumps(p.to_dict()))
+            console.print_json(_json.dumps({**p.to_dict(), **(info or {})}))
         else:
             render(p, console)
+            if info:
+                render_processes(p, info, console)
         if measure_run:
             _quiet_libraries()
             m = measure(cfg, steps=measure_steps)

@@ -11,6 +11,9 @@ Each optimizer step:
   4. step      - backward (accumulated over micro-batches; on a scaled loss when the student computes in
                  fp16), clip, AdamW, warm-up + cosine schedule;
   5. log       - one `metrics.jsonl` line, the progress bar, checkpoints.
+Under `accelerate launch` (or `minioprd distill --num-processes N`) the same loop runs data-parallel: each
+process rolls out its share of the step's prompts, gradients are summed across processes before step 4, and
+process 0 writes everything (parallel.py).
 The result is a PEFT adapter in `output_dir/adapter/` (plus `projections.safetensors` when widths differ).
 
     from minioprd.config import load_config
@@ -31,8 +34,8 @@ from typing import Any, Callable
 import torch
 
 from minioprd.capture import capture_hidden, num_layers
-from minioprd.checkpoint import (Interrupts, final_dir, open_run, prune, resume_run, save_adapter, save_checkpoint,
-                                 save_weights)
+from minioprd.checkpoint import (Interrupts, final_dir, open_run, prune, resume_run, run_identity, save_adapter,
+                                 save_checkpoint, save_weights)
 from minioprd.config import Config, to_yaml
 from minioprd.errors import MinioprdError
 from minioprd.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -40,6 +43,7 @@ from minioprd.fit import fit_to_card
 from minioprd.layers import position_mask, state_window
 from minioprd.objective import config_note
 from minioprd.objective import resolve as resolve_objective
+from minioprd.parallel import Parallel, check_launch, launched_world, row_seeds
 from minioprd.prepare import Setup, check_before_loading, prepare
 from minioprd.projections import fit_projections
 from minioprd.rollout import Rollout, rollout, rollout_options
@@ -90,6 +94,7 @@ class Optimization:
     scheduler: Any
     sampler: Any  # data.PromptSampler
     trained: list[torch.Tensor]  # every parameter the optimizer updates (gradient clipping runs over them)
+    parallel: Parallel = field(default_factory=Parallel)
 
     @classmethod
     def for_run(cls, s: Setup) -> Optimization:
@@ -104,11 +109,13 @@ class Optimization:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
                    PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
-                   params + list(s.projections.parameters()))
+                   params + list(s.projections.parameters()), s.parallel)
 
     def step(self, state: RunState, loss: float, grad_clip: float) -> tuple[float, float]:
         """Unscale, clip, AdamW (skipped when the loss or gradient is not finite), schedule; returns (gradient
-        norm, the learning rate used)."""
+        norm, the learning rate used). Across processes the gradients are summed first (every trained tensor,
+        projections included), so every process takes the same step."""
+        self.parallel.sum_gradients(self.trained)
         scale = state.loss_scale
         if scale != 1.0:
             for p in self.trained:
@@ -146,47 +153,61 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     go into that step's metrics line as `eval/<name>` (step 0 gets a line of its own).
     `resume` continues from the output dir's last checkpoint (running the same config again does too).
     """
-    log = _printer(console)
     out = Path(cfg.train.output_dir)
+    check_launch(cfg, launched_world())  # a multi-process launch that cannot work, before anything else
     check_before_loading(cfg, evaluator)  # every configuration problem, before any weights load
+    parallel = setup.parallel if setup is not None else \
+        Parallel.start(cpu=cfg.model.device == "cpu" or not torch.cuda.is_available())
+    log = _printer(console if parallel.main else None)  # process 0 speaks (and writes) for all
     if setup is None:
         fit_to_card(cfg, log)  # before comparing with the run dir's config.yaml, which holds the fitted values
-    ckpt, finished = open_run(out, cfg, force, resume, log)
+    ckpt, finished = parallel.decide(lambda: open_run(out, cfg, force, resume, log))
     if finished:
         log(f"the run in {out} is already complete (summary.json); use --force to run it again")
         return json.loads((out / "summary.json").read_text())
     s = setup or prepare(cfg, log)
-    out.mkdir(parents=True, exist_ok=True)
-    objective = resolve_objective(s, out, log)  # loss.objective=auto: measured at step 0 (or kept from this run)
+    s.parallel = parallel
+    if parallel.main:
+        out.mkdir(parents=True, exist_ok=True)
+    # loss.objective=auto: process 0 measures at step 0 and writes objective.json; the others then read it
+    objective = resolve_objective(s, out, log) if parallel.main else None
+    parallel.barrier()
+    objective = objective or resolve_objective(s, out, log)
     cfg = s.cfg
-    atomic_write_text(out / "config.yaml", config_note(objective) + to_yaml(cfg))
+    if parallel.main:
+        atomic_write_text(out / "config.yaml", config_note(objective) + to_yaml(cfg))
     opt = Optimization.for_run(s)
     state = RunState(loss_scale=LOSS_SCALE_INIT if s.dtype == torch.float16 and cfg.train.fp16_loss_scale else 1.0)
     if ckpt is not None:
-        trainer = resume_run(ckpt, out, s, opt.optimizer, opt.scheduler, opt.sampler)
+        trainer = resume_run(ckpt, out, s, opt.optimizer, opt.scheduler, opt.sampler, write=parallel.main)
         state.restore(trainer["step"], trainer["counters"])
-        log(f"resuming from {ckpt} (step {state.step} of {cfg.train.steps})")
+        log(f"resuming from {ckpt} (step {state.step} of {cfg.train.steps})"
+            + (f" on {parallel.world} processes" if parallel.world > 1 else ""))
     else:
         _start(s, out, log)
+    parallel.broadcast_parameters(opt.trained)  # every process starts from process 0's weights, as DDP does
     s.student.train()
     if cfg.train.eval_every:
         evaluator = evaluator or default_evaluator(s)
 
     def save(step: int) -> Path:
         path = out / "checkpoints" / f"step-{step:06d}"
-        save_checkpoint(path, lambda d: save_weights(s, d), opt.optimizer, opt.scheduler,
-                        {"step": step, "sampler": opt.sampler.state_dict(), "counters": state.counters()})
-        prune(out, cfg.train.keep_checkpoints)
+        if parallel.main:
+            save_checkpoint(path, lambda d: save_weights(s, d), opt.optimizer, opt.scheduler,
+                            {"step": step, "sampler": opt.sampler.state_dict(), "counters": state.counters(),
+                             "run": run_identity(cfg), "processes": parallel.world})
+            prune(out, cfg.train.keep_checkpoints)
+        parallel.barrier()  # no process leaves (and so ends the launch) before the checkpoint is whole
         return path
 
     from minioprd.loggers import Trackers
 
-    trackers = Trackers(list(cfg.train.report_to), out, cfg.to_dict())
+    trackers = Trackers(list(cfg.train.report_to) if parallel.main else [], out, cfg.to_dict())
     state.started = time.time()
     initial = run_evaluator(s, evaluator, state, 0) if state.step == 0 and cfg.train.eval_every else {}
-    if initial:  # the student before any update
+    if initial and parallel.main:  # the student before any update
         _log_line(out, trackers, {"step": 0, **initial})
-    progress = _progress(console, cfg.train.steps, state.step)
+    progress = _progress(console if parallel.main else None, cfg.train.steps, state.step)
     try:
         with Interrupts(log if progress is None else progress.console.print) as interrupts:
             for step in range(state.step + 1, cfg.train.steps + 1):
@@ -201,14 +222,15 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
                     record.update(run_evaluator(s, evaluator, state, step))
                     if record.get("eval/repetition", 0.0) > cfg.train.collapse_repetition:
                         record["collapse_warning"] = True
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:  # 5: log
+                if parallel.main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):  # 5: log
                     _log_line(out, trackers, record)
                 _show(progress, record, state)
                 if state.nonfinite_in_row >= 3:  # the weights are those of the last good step: bad ones were skipped
                     raise MinioprdError(f"the loss or gradient was not finite for 3 steps in a row (step {step}); "
                                         f"the last good state is saved in {save(step)}: lower train.lr, keep "
                                         f"train.grad_clip on, or use loss.kind=scale_mse")
-                if interrupts.requested:
+                if parallel.any(interrupts.requested is not None):  # a signal may reach the processes apart
+                    interrupts.requested = interrupts.requested or "a signal to another process"
                     raise MinioprdError(f"stopped by {interrupts.requested} after step {step}; checkpoint saved in "
                                         f"{save(step)}: continue with `minioprd distill --resume {out}`")
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
@@ -224,36 +246,50 @@ def train_step(s: Setup, opt: Optimization, state: RunState, step: int) -> dict[
     """rollout -> teacher targets -> loss -> (skipped if not finite) step; returns the step's metrics line."""
     cfg = s.cfg
     t0 = time.time()
-    idx = opt.sampler.next_batch(cfg.rollout.prompts_per_step)
-    ro = sample(s, [s.prompts[i] for i in idx], step)  # 1. rollout
+    pl = s.parallel
+    idx = opt.sampler.next_batch(cfg.rollout.prompts_per_step)  # the global batch: the same on every process
+    lo, hi = pl.shard(len(idx))  # this process's share of it
+    ro = sample(s, [s.prompts[i] for i in idx[lo:hi]], step, first_row=lo * cfg.rollout.n)  # 1. rollout
     t1 = _clock(s.device)
     scale = state.loss_scale
-    figures = update_step(s, ro, scale)  # 2. teacher targets, 3. loss and its gradient
-    grad_norm, lr_now = opt.step(state, figures["loss"], cfg.train.grad_clip)  # 4. step
+    figures = update_step(s, ro, scale)  # 2. teacher targets, 3. loss and its gradient (this process's share)
+    layers = len(figures["layer_cos"])
+    # the step's figures over every process: loss terms are already weighted by global shares, so they add up
+    loss, loss_rep, loss_opd, *per_layer = pl.total([figures["loss"], figures["loss_rep"], figures["loss_opd"],
+                                                     *figures["layer_cos"], *figures["layer_loss"]])
+    grad_norm, lr_now = opt.step(state, loss, cfg.train.grad_clip)  # 4. step (gradients summed over processes)
     t2 = _clock(s.device)
     from minioprd.alignment import repetition_rate
 
-    gen_tokens = int(ro.response_mask.sum())
-    distinct = distinct_ratio(ro)
-    looping = repetition_rate([row[m].tolist() for row, m in zip(ro.responses, ro.response_mask)])
-    layer_cos = figures["layer_cos"]
+    rows, gen_tokens = ro.input_ids.shape[0], int(ro.response_mask.sum())
+    responses = [row[m].tolist() for row, m in zip(ro.responses, ro.response_mask)]
+    ended = int((ro.response_mask.sum(1) < ro.response_mask.shape[1]).sum())
+    # per process: rows, tokens, ended rows, distinct x rows, looping x rows, tokens/s; rollout/teacher/update/step s
+    each = pl.gathered([rows, gen_tokens, ended, distinct_ratio(ro) * rows, repetition_rate(responses) * rows,
+                        gen_tokens / max(t1 - t0, 1e-9), t1 - t0, figures["teacher_s"], t2 - t1 - figures["teacher_s"],
+                        t2 - t0])
+    (rows, gen_tokens, ended, distinct, looping, tokens_per_s), slowest = each[:, :6].sum(0).tolist(), \
+        each[:, 6:].max(0).values.tolist()
+    distinct, looping = distinct / rows, looping / rows
+    layer_cos, layer_loss = per_layer[:layers], per_layer[layers:]
     return {
-        "step": step, "loss": figures["loss"], "loss_rep": figures["loss_rep"], "loss_opd": figures["loss_opd"],
+        "step": step, "loss": loss, "loss_rep": loss_rep, "loss_opd": loss_opd,
         "cos": sum(layer_cos) / len(layer_cos) if layer_cos else None, "cos_last": layer_cos[-1] if layer_cos else None,
-        "layer_cos": [round(c, 5) for c in layer_cos], "layer_loss": [round(v, 6) for v in figures["layer_loss"]],
-        "response_len": gen_tokens / ro.input_ids.shape[0],
-        "eos_frac": float((ro.response_mask.sum(1) < ro.response_mask.shape[1]).float().mean()),
-        "distinct": distinct, "repetition": looping,
+        "layer_cos": [round(c, 5) for c in layer_cos], "layer_loss": [round(v, 6) for v in layer_loss],
+        "response_len": gen_tokens / rows, "eos_frac": ended / rows, "distinct": distinct, "repetition": looping,
         "collapse_warning": distinct < cfg.train.collapse_threshold or looping > cfg.train.collapse_repetition,
         "lr": lr_now, "grad_norm": grad_norm, "nonfinite_steps": state.nonfinite_total,
-        **({"loss_scale": scale} if scale != 1.0 else {}),
-        "tokens_per_s": gen_tokens / max(t1 - t0, 1e-9), "rollout_s": t1 - t0,
-        "teacher_s": figures["teacher_s"], "update_s": t2 - t1 - figures["teacher_s"], "step_s": t2 - t0,
+        **({"loss_scale": scale} if scale != 1.0 else {}), **({"processes": pl.world} if pl.world > 1 else {}),
+        # tokens/s summed over processes; times are the slowest process's (the others wait for it)
+        "tokens_per_s": tokens_per_s, "rollout_s": slowest[0], "teacher_s": slowest[1], "update_s": slowest[2],
+        "step_s": slowest[3],
     }
 
 
-def sample(s: Setup, prompts: list[list[int]], step: int) -> Rollout:
-    """The student's on-policy rollouts for `prompts`, reproducible step by step (and on resume)."""
+def sample(s: Setup, prompts: list[list[int]], step: int, first_row: int = 0) -> Rollout:
+    """The student's on-policy rollouts for `prompts`, reproducible step by step (and on resume): each response
+    row samples from a stream seeded by the step and its place in the step's global batch (`first_row` is this
+    process's first), so sharding the batch across processes does not change what a prompt samples."""
     cfg = s.cfg
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)
     merge = cfg.rollout.merge_lora and cfg.lora.r > 0 and cfg.model.student_quant == "none"
@@ -262,6 +298,7 @@ def sample(s: Setup, prompts: list[list[int]], step: int) -> Rollout:
     try:
         return rollout(s.student, s.tokenizer, prompts, n=cfg.rollout.n, temperature=cfg.rollout.temperature,
                        top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                       seeds=row_seeds(cfg.train.seed, step, first_row, len(prompts) * cfg.rollout.n),
                        **rollout_options(cfg.rollout, s.device))
     finally:
         if merge:
@@ -283,7 +320,9 @@ def update_step(s: Setup, ro: Rollout, loss_scale: float = 1.0) -> dict[str, Any
     B = ro.input_ids.shape[0]
     mb = cfg.rollout.micro_batch or B
     selected = position_mask(ro.response_mask, lc.positions, lc.k) if need_rep else ro.response_mask  # (B, R)
-    total_sel = max(1, int(selected.sum()))
+    # shares of the global batch (all processes' rows and selected tokens), so the summed gradients are one batch's
+    B_all, total_sel = (int(v) for v in s.parallel.total([B, int(selected.sum())]))
+    total_sel = max(1, total_sel)
     L_S, L_T = num_layers(s.student), num_layers(s.teacher)
     s_layers = sorted(({l for l, _ in s.pairs} if need_rep else set()) | ({L_S} if need_opd else set()))
     t_layers = sorted(({t for _, t in s.pairs} if need_rep else set()) | ({L_T} if need_opd else set()))
@@ -339,7 +378,7 @@ def update_step(s: Setup, ro: Rollout, loss_scale: float = 1.0) -> dict[str, Any
                                            temperature=cfg.rollout.temperature or 1.0)
             loss = loss + opd
         # Weight micro-batches so the accumulated gradient equals the full-batch loss's.
-        share = (part.input_ids.shape[0] / B) if (lc.reduction == "sequence" and not need_opd) \
+        share = (part.input_ids.shape[0] / B_all) if (lc.reduction == "sequence" and not need_opd) \
             else int(sel.sum()) / total_sel
         (loss * (share * loss_scale)).backward()
         sums["loss"] += float(loss.detach()) * share
@@ -449,8 +488,10 @@ def _printer(console: Any) -> Callable[[str], None]:
 
 
 def _start(s: Setup, out: Path, log: Callable[[str], None]) -> None:
-    """A fresh run: no metrics lines from an earlier one; projections at their least-squares fit if asked."""
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    """A fresh run: no metrics lines from an earlier one; projections at their least-squares fit if asked (every
+    process fits the same, from the same seeded rollouts)."""
+    if s.parallel.main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if len(s.projections) and s.bridge is None and s.cfg.loss.projection_init == "lstsq":
         if s.cross is None:
             fit_projections(s, log)
@@ -465,13 +506,14 @@ def run_evaluator(s: Setup, evaluator: Callable[[Setup, int], dict[str, float]],
     figures = {f"eval/{k}": v for k, v in evaluator(s, step).items()}
     s.student.train(was_training)
     best = best_metric(s.cfg, figures)
-    if best is not None and s.cfg.eval.keep_best and step > 0:
+    if best is not None and s.cfg.eval.keep_best and step > 0:  # every process evaluates the same weights
         key, value, higher = best
         if state.best is None or (value > state.best if higher else value < state.best):
             state.best, state.best_step = value, step
             out = Path(s.cfg.train.output_dir) / "best"
-            save_adapter(s, out)
-            atomic_write_json(out / "best.json", {"step": step, "metric": key, "value": value})
+            if s.parallel.main:
+                save_adapter(s, out)
+                atomic_write_json(out / "best.json", {"step": step, "metric": key, "value": value})
     return figures
 
 
@@ -510,6 +552,9 @@ def _finish(s: Setup, state: RunState, ckpt: Path | None, objective: Any,
             log: Callable[[str], None]) -> dict[str, Any]:
     """The final adapter, summary.json, metrics.png and the closing line; returns the summary."""
     cfg, out = s.cfg, Path(s.cfg.train.output_dir)
+    if not s.parallel.main:  # process 0 writes the results; the others wait until they are whole
+        s.parallel.barrier()
+        return {"steps": cfg.train.steps, "adapter": str(final_dir(s)), "process": s.parallel.rank}
     save_adapter(s, final_dir(s))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) >= 1]
     total = state.elapsed()
@@ -528,7 +573,8 @@ def _finish(s: Setup, state: RunState, ckpt: Path | None, objective: Any,
         f", cos {summary['first']['cos']:.3f} -> {summary['last']['cos']:.3f}"
     log(f"done: {cfg.train.steps} steps in {summary['seconds']:.1f}s ({summary['seconds_per_step']:.2f} s/step)"
         + (f"; loss {summary['first']['loss']:.4g} -> {summary['last']['loss']:.4g}" if rows else "")
-        + f"{cos}; saved in {final_dir(s)}")
+        + f"{cos}; saved in {final_dir(s)}" + (f" ({s.parallel.world} processes)" if s.parallel.world > 1 else ""))
+    s.parallel.barrier()
     return summary
 
 

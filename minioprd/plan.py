@@ -82,3 +82,44 @@ def render(p: Plan, console: Any) -> None:
         console.print(f"note: {n}", highlight=False, markup=False)
 
 
+def plan_processes(cfg: Config, processes: int, **kw: Any) -> tuple[Plan, dict[str, Any]]:
+    """`plan --num-processes N`: the plan of one of N data-parallel processes (parallel.py), which holds its own
+    teacher and student on its own card and rolls out its share of the step's prompts, and what N processes
+    can gain. Every card holds the same, so the per-process plan is the per-GPU memory.
+
+    The gain bound: a step takes as long as the process with the most prompts; the teacher forward and the
+    update are compute-bound and shrink with the rows, decoding a small batch is bound by reading the
+    student's weights once per token whatever the rows, so the rollout share gains less than the bound."""
+    import copy
+    import math
+
+    from minioprd.errors import MinioprdError
+
+    k = cfg.rollout.prompts_per_step
+    if processes > k:
+        raise MinioprdError(f"{processes} processes cannot share rollout.prompts_per_step={k} prompts (each needs "
+                            f"at least one): use at most {k} processes or raise rollout.prompts_per_step")
+    one = copy.deepcopy(cfg)
+    one.rollout.prompts_per_step = math.ceil(k / processes)
+    one.model.teacher_device = "same"
+    if one.model.device.startswith("cuda:"):
+        one.model.device = "cuda"
+    p = plan(one, **kw)
+    p.notes.append(f"the table and proposals are one process's (rollout.prompts_per_step={one.rollout.prompts_per_step}"
+                   f"); the run's rollout.prompts_per_step is the global batch, {processes} times that")
+    info = {"processes": processes, "prompts_per_process": one.rollout.prompts_per_step,
+            "per_gpu_gib": round(p.peak_gib(), 3), "throughput_gain_max": round(k / one.rollout.prompts_per_step, 3)}
+    return p, info
+
+
+def render_processes(p: Plan, info: dict[str, Any], console: Any) -> None:
+    """`plan_processes`' closing line: memory per GPU and the throughput bound."""
+    n, share = info["processes"], info["prompts_per_process"]
+    where = p.gpu.name if p.gpu else ("CPU" if p.device == "cpu" else "each card")
+    console.print(f"{n} processes (data-parallel, one {'CPU process' if p.device == 'cpu' else 'card'} each): "
+                  f"{info['per_gpu_gib']:.2f} GiB per {'process' if p.device == 'cpu' else 'GPU'} on {where} "
+                  f"(its own teacher and student, {share} of the step's prompts); expected throughput gain up to "
+                  f"{info['throughput_gain_max']:.2f}x prompts/s over one process: the teacher forward and the "
+                  f"update split {n} ways, the rollout gains less (decoding a small batch reads the student's "
+                  f"weights once per token whatever the rows); measure with `minioprd bench step "
+                  f"--num-processes {n}`", highlight=False, markup=False)

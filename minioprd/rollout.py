@@ -179,11 +179,34 @@ def _static_cache(model: torch.nn.Module, prefilled: Any, rows: int, length: int
     return static
 
 
+class RowStreams:
+    """A logits processor that samples each row from a random stream of its own (Gumbel-max: the argmax of
+    temperature/top-p-warped scores plus Gumbel noise is a draw from their softmax), so a row's tokens do not
+    depend on which other rows share its batch. Generate runs greedy behind it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        V = scores.shape[-1]
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+        return scores.float() + gumbel
+
+
 @torch.no_grad()
 def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int = 1, temperature: float = 1.0,
             top_p: float = 1.0, max_new_tokens: int = 256, cache: str = "dynamic", compile: bool = False,
-            share_prefill: bool = True) -> Rollout:
-    """Sample `n` responses per prompt (rows are prompt-major: p0 r0, p0 r1, p1 r0, ...)."""
+            share_prefill: bool = True, seeds: list[int] | None = None) -> Rollout:
+    """Sample `n` responses per prompt (rows are prompt-major: p0 r0, p0 r1, p1 r0, ...).
+
+    `seeds` (one per row) gives every row its own random stream (`RowStreams`); without them rows draw from
+    torch's global generator."""
     was_training = model.training
     model.eval()  # no dropout, and gradient checkpointing (train-mode only) stays out of the KV-cache path
     device = next(model.parameters()).device
@@ -197,7 +220,13 @@ def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int 
     cache, compile = usable_speedups(model, cache, compile)
     rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
+    if seeds is not None and temperature > 0 and len(seeds) != rows_ids.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {rows_ids.shape[0]} rows")
+
     def generate(kind: str, compiled: bool) -> torch.Tensor:
+        if seeds is not None and temperature > 0:  # fresh streams: a fallback samples what the failed try would have
+            sampling.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                            logits_processor=[RowStreams(seeds, temperature, top_p, device)])
         past = _shared_prefill(model, ids, attn, n) if share_prefill and n > 1 and P > 1 else None
         extra: dict[str, Any] = {}
         if kind == "static":
