@@ -112,6 +112,34 @@ def test_row_seeds_do_not_depend_on_sharding():
     assert len(set(whole)) == 8 and row_seeds(1, 5, 0, 8) != whole and row_seeds(0, 6, 0, 8) != whole
 
 
+def test_the_gradient_sum_covers_lora_and_projections(tmp_path):
+    """What the step hands to the all-reduce: every LoRA tensor and every width projection (the authors' code
+    leaves projections out, so each rank's copy drifts). The two-process test below also fails when they are
+    left out: the gradient norm already differs at step 1."""
+    from minioprd.config import load_config
+    from minioprd.distill import Optimization, RunState
+    from minioprd.parallel import Parallel
+    from minioprd.prepare import prepare
+
+    s = prepare(load_config(RECIPE, {"train.output_dir": str(tmp_path)}), log=lambda m: None)
+    summed: list = []
+
+    class Recording(Parallel):
+        def sum_gradients(self, params):
+            summed.extend(params)
+
+    s.parallel = Recording(rank=0, world=2)
+    opt = Optimization.for_run(s)
+    for p in opt.trained:
+        p.grad = torch.ones_like(p)
+    opt.step(RunState(), 1.0, 1.0)
+    ids = {id(p) for p in summed}
+    assert len(s.projections) == 2 and all(id(p) in ids for p in s.projections.parameters())
+    lora = [p for n, p in s.student.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n, p in s.student.named_parameters() if p.requires_grad)
+    assert all(id(p) in ids for p in lora) and len(ids) == len(lora) + 2
+
+
 def test_two_processes_train_the_one_process_adapter(one, two):
     run2, proc = two
     rows1, rows2 = _metrics(one), _metrics(run2)
