@@ -242,6 +242,9 @@ def _relaunch(cfg: Any, num_processes: int, force: bool, resume: bool) -> None:
 
     check_before_loading(cfg)
     if not force:  # read-only without --force: a run that would be refused is refused before launching
+        from minioprd.fit import fit_to_card
+
+        fit_to_card(cfg, lambda m: None)  # as each process will, before comparing with the run's config.yaml
         open_run(Path(cfg.train.output_dir), cfg, False, resume, lambda m: None)
     cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     console.print(f"launching {num_processes} processes ({'CPU, gloo' if cpu else 'one GPU each, nccl'}) through "
