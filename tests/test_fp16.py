@@ -57,7 +57,11 @@ def test_overflow_halves_the_scale_without_stopping_the_run(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     n = summary["fp16_overflow_steps"]
     assert n >= 1 and summary["nonfinite_steps"] == 0  # overflows are skipped, not counted as bad steps
-    assert scales[:n + 1] == [2.0**16 / 2**i for i in range(n + 1)] and len(set(scales[n:])) == 1
+    # each step's scale is the last one's, or half of it after an overflow (which steps overflow depends on the
+    # rollouts); an overflow in the last step halves a scale no line shows
+    steps = list(zip(scales, scales[1:]))
+    assert scales[0] == 2.0**16 and all(b in (a, a / 2) for a, b in steps)
+    assert sum(b == a / 2 for a, b in steps) in (n - 1, n)
     assert _moved(tmp_path / "run") == 1.0
 
 
