@@ -59,12 +59,6 @@ class Parallel:
         state = PartialState(cpu=cpu)
         return cls(state.process_index, state.num_processes, state.local_process_index, state)
 
-    def device(self, requested: str) -> str:
-        """The student's (and teacher's) device of this process: the CPU, or the card of its local rank."""
-        if self.world == 1 or requested == "cpu":
-            return requested
-        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-
     def shard(self, k: int) -> tuple[int, int]:
         """[lo, hi): this process's contiguous share of a batch of `k` prompts (sizes differ by at most one)."""
         return self.rank * k // self.world, (self.rank + 1) * k // self.world
@@ -144,6 +138,14 @@ class Parallel:
 
 
 SINGLE = Parallel()
+
+
+def process_device(requested: str) -> str:
+    """This process's device for model.device=`requested`: as asked in a one-process run; in a launch of several,
+    the card of its local rank (or the CPU)."""
+    if launched_world() == 1 or requested == "cpu":
+        return requested
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
 
 
 def row_seeds(seed: int, step: int, first_row: int, rows: int) -> list[int]:

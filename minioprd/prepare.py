@@ -20,7 +20,7 @@ from minioprd.config import Config, to_yaml
 from minioprd.errors import ConfigError, MinioprdError
 from minioprd.fit import fit_to_card
 from minioprd.layers import layer_map
-from minioprd.parallel import SINGLE, Parallel
+from minioprd.parallel import SINGLE, process_device
 from minioprd.projections import width_projections
 
 
@@ -54,7 +54,7 @@ class Setup:
     cross: Any = None  # cross_tokenizer.CrossTokenizer when the tokenizers differ: the teacher reads the text
     skipped_prompts: int = 0
     eval_examples: list[Any] = field(default_factory=list)  # held-out examples for the in-loop evaluation
-    parallel: Any = field(default_factory=lambda: SINGLE)  # parallel.Parallel: this process's place in the run
+    parallel: Any = field(default_factory=lambda: SINGLE)  # parallel.Parallel: this process's place (set by distill)
 
 
 def _model_shape(path: str) -> tuple[int, int]:
@@ -96,7 +96,7 @@ def describe(cfg: Config, console: Any) -> None:
     console.print(f"# {dry_run_line(cfg, (ls, ds), (lt, dt))}", markup=False, highlight=False)
 
 
-def prepare(cfg: Config, log: Any = print, parallel: Parallel = SINGLE) -> Setup:
+def prepare(cfg: Config, log: Any = print) -> Setup:
     from minioprd.data import load_examples, render_prompts, tokenize_prompts
     from minioprd.models import (check_tokenizers, load_student, load_teacher, load_tokenizer, pick_device,
                                  pick_dtype, resolve_model, trainable_parameters)
@@ -105,7 +105,7 @@ def prepare(cfg: Config, log: Any = print, parallel: Parallel = SINGLE) -> Setup
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get(
         "LOCAL_WORLD_SIZE", "1"))))
     fit_to_card(cfg, log)  # train.fit=auto: memory settings for this card, before any weights (no-op if done)
-    device = pick_device(parallel.device(cfg.model.device))
+    device = pick_device(process_device(cfg.model.device))  # several processes: the card of this one
     teacher_device = device if cfg.model.teacher_device == "same" else pick_device(cfg.model.teacher_device)
     dtype = pick_dtype(cfg.model.dtype, device)
     t_res, s_res = resolve_model(cfg.model.teacher, "teacher"), resolve_model(cfg.model.student, "student")
@@ -187,4 +187,4 @@ def prepare(cfg: Config, log: Any = print, parallel: Parallel = SINGLE) -> Setup
             " trainable params")
     log("layer_map (student->teacher): " + ", ".join(f"{a}->{b}" for a, b in pairs))
     return Setup(cfg, device, teacher_device, dtype, student, teacher, tokenizer, prompts, pairs, projections,
-                 skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross, parallel=parallel)
+                 skipped_prompts=skipped, eval_examples=eval_examples, bridge=bridge, cross=cross)
