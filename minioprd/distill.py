@@ -165,6 +165,12 @@ def distill(cfg: Config, console: Any = None, force: bool = False, setup: Setup 
     if finished:
         log(f"the run in {out} is already complete (summary.json); use --force to run it again")
         return json.loads((out / "summary.json").read_text())
+    if setup is None and parallel.world > 1:  # builtin models are built once, by process 0, before any process loads
+        from minioprd.models import resolve_model
+
+        if parallel.main:
+            resolve_model(cfg.model.teacher, "teacher"), resolve_model(cfg.model.student, "student")
+        parallel.barrier()
     s = setup or prepare(cfg, log)
     s.parallel = parallel
     if parallel.main:
