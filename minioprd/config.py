@@ -161,6 +161,11 @@ class LossConfig:
                         "(paper Eq. 6); token = one mean over all positions of the batch (authors' code).",
                         choices=("sequence", "token"))
 
+    def has_representation_term(self) -> bool:
+        """Whether the loss compares hidden states (objective oprd, or an OPD objective with mu > 0): only then
+        are states captured and width projections made. `auto` must be resolved first."""
+        return self.objective == "oprd" or self.mu > 0
+
 
 @dataclass
 class EvalConfig:

@@ -321,7 +321,7 @@ def update_step(s: Setup, ro: Rollout, loss_scale: float = 1.0) -> dict[str, Any
     from minioprd.losses import OPD_LOSSES, layer_cosines, representation_loss
 
     cfg, lc = s.cfg, s.cfg.loss
-    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    need_rep, need_opd = lc.has_representation_term(), lc.objective != "oprd"
     rep_weight = lc.coef if lc.objective == "oprd" else lc.mu
     B = ro.input_ids.shape[0]
     mb = cfg.rollout.micro_batch or B

@@ -389,10 +389,10 @@ def _weight_terms(p: Plan, cfg: Config, add: Callable[..., float], tc: int) -> _
         add("LoRA adapter (fp32)", 4 * n_lora, "static", 0,
             f"{n_lora:,} params, r={cfg.lora.r}, {len(lora)} modules/block")
         add("AdamW moments of LoRA (2 x fp32)", 8 * n_lora, "static", 0, "exist from the first step on")
-    rep_term = cfg.loss.objective == "oprd" or cfg.loss.mu > 0
     # prepare makes width projections only where a representation term uses them (not for OPD alone, e.g. auto's
     # opd_full across widths)
-    n_proj = len(p.pairs) * s.hidden * t.hidden if s.hidden != t.hidden and rep_term else 0
+    n_proj = len(p.pairs) * s.hidden * t.hidden if s.hidden != t.hidden and cfg.loss.has_representation_term() \
+        else 0
     if n_proj:
         add("projections + AdamW (fp32, 3 copies)", 12 * n_proj, "static", 0,
             f"{len(p.pairs)} x Linear({s.hidden}->{t.hidden}) = {n_proj:,} params")
@@ -433,7 +433,7 @@ def _update_terms(p: Plan, cfg: Config, w: _Sizes, add: Callable[..., float], tc
     """update (per micro-batch: gradients, teacher targets, activations kept for backward, loss) and step."""
     t, s, mb, T = p.teacher, p.student, p.micro_batch, p.prompt_tokens + p.new_tokens
     lc = cfg.loss
-    need_rep, need_opd = lc.objective == "oprd" or lc.mu > 0, lc.objective != "oprd"
+    need_rep, need_opd = lc.has_representation_term(), lc.objective != "oprd"
     t_act, t_dt, s_act, s_dt, lora, full = w.t_act, w.t_dt, w.s_act, w.s_dt, w.lora, w.full
     grads = add(("student" if full else "LoRA") + " + projection grads", w.g_bytes * w.n_lora + 4 * w.n_proj,
                 "update", 0)

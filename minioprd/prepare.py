@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -87,12 +87,17 @@ def describe(cfg: Config, console: Any) -> None:
     console.print(f"# student: {ls} layers x {ds} wide; teacher: {lt} layers x {dt} wide", markup=False)
     console.print("# layer_map (student -> teacher, hidden_states index): "
                   + ", ".join(f"{a}->{b}" for a, b in pairs), markup=False, highlight=False)
-    console.print(f"# projections: {'none (same width)' if ds == dt else f'{len(pairs)} x Linear({ds}->{dt})'}; "
+    from minioprd.objective import dry_run_line, shape_hint
+
+    lc = cfg.loss
+    if lc.objective == "auto":  # what the shapes suggest (a same-shape pair needs no projections either way)
+        lc = replace(lc, objective=shape_hint((ls, ds), (lt, dt)).objective or "oprd")
+    projections = "none (same width)" if ds == dt else f"{len(pairs)} x Linear({ds}->{dt})" \
+        if lc.has_representation_term() else f"none ({lc.objective} compares no hidden states)"
+    console.print(f"# projections: {projections}; "
                   f"positions: {cfg.loss.positions}"
                   f"{f' (k={cfg.loss.k})' if cfg.loss.positions.endswith('_k') else ''}, convention "
                   f"{cfg.loss.convention}", markup=False, highlight=False)
-    from minioprd.objective import dry_run_line
-
     console.print(f"# {dry_run_line(cfg, (ls, ds), (lt, dt))}", markup=False, highlight=False)
 
 
@@ -181,7 +186,7 @@ def prepare(cfg: Config, log: Any = print) -> Setup:
             projections = bridge.student_projections  # joins the optimizer's projection group
         log(f"bridge: {cfg.loss.bridge}, r={bridge.rank}, P_S "
             f"{'trained jointly' if cfg.loss.bridge_trainable else 'frozen'}")
-    elif d_s != d_t and (cfg.loss.objective == "oprd" or cfg.loss.mu > 0):  # auto picks no OPRD term at other widths
+    elif d_s != d_t and cfg.loss.has_representation_term():  # auto picks no OPRD term at other widths
         projections = width_projections(len(pairs), d_s, d_t, device)
         log(f"projections: {len(pairs)} x Linear({d_s}->{d_t}), {sum(p.numel() for p in projections.parameters()):,}"
             " trainable params")

@@ -157,7 +157,7 @@ def run_one(pairs: Pairs, spec: RunSpec, output_dir: Path, evals: dict[str, Any]
     from minioprd.capture import num_layers
 
     eval_pairs = layer_map("all", num_layers(s.student), num_layers(s.teacher))
-    trains_rep = spec.method != "sft_teacher" and (cfg.loss.objective == "oprd" or cfg.loss.mu > 0)
+    trains_rep = spec.method != "sft_teacher" and cfg.loss.has_representation_term()
     use_proj = trains_rep and eval_pairs == s.pairs and len(s.projections) > 0
 
     def evaluator(setup: Any, step: int) -> dict[str, float]:
