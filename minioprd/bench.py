@@ -236,13 +236,17 @@ def run_update_bench(arch: str = "qwen2.5-0.5b", objectives: tuple[str, ...] = O
 
 # `minioprd bench rollout` settings: each adds one speed-up to the one before; `bare_generate` is the reference.
 ROLLOUT_SETTINGS: dict[str, dict[str, Any]] = {
-    "plain": dict(cache="dynamic", compile=False, share_prefill=False, merge_lora=False),
-    "shared": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=False),
-    "merged": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=True),
-    "static": dict(cache="static", compile=False, share_prefill=True, merge_lora=True),
-    "compiled": dict(cache="static", compile=True, share_prefill=True, merge_lora=True),
-    "compiled_unmerged": dict(cache="static", compile=True, share_prefill=True, merge_lora=False),
+    "plain": dict(cache="dynamic", compile=False, share_prefill=False, merge_lora=False, pack_weights=False),
+    "shared": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=False, pack_weights=False),
+    # CPU: weights packed for oneDNN with the adapter folded in (the default there at a real shape)
+    "packed": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=False, pack_weights=True),
+    "merged": dict(cache="dynamic", compile=False, share_prefill=True, merge_lora=True, pack_weights=False),
+    "static": dict(cache="static", compile=False, share_prefill=True, merge_lora=True, pack_weights=False),
+    "compiled": dict(cache="static", compile=True, share_prefill=True, merge_lora=True, pack_weights=False),
+    "compiled_unmerged": dict(cache="static", compile=True, share_prefill=True, merge_lora=False,
+                              pack_weights=False),
 }
+CPU_ONLY_SETTINGS = ("packed",)  # `--settings all` leaves these out on a GPU
 
 # Memory bandwidth of GPUs by name (GB/s, vendors' figures); a card not listed is measured with a copy.
 GPU_BANDWIDTH_GBS = {"T4": 320, "L4": 300, "A10G": 600, "A10": 600, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935,
@@ -545,8 +549,8 @@ def bench_command(what: str, *, student: str, teacher: str, objectives: str | No
                              max(steps, 2), device, teacher_quant, gradient_checkpointing, threads, processes, log=say)
         console.print(step_table(res, student, batch, response_len or 128))
     elif what == "rollout":
-        names = tuple(ROLLOUT_SETTINGS) if settings.strip() == "all" else \
-            tuple(x.strip() for x in settings.split(",") if x.strip())
+        names = tuple(k for k in ROLLOUT_SETTINGS if device == "cpu" or k not in CPU_ONLY_SETTINGS) \
+            if settings.strip() == "all" else tuple(x.strip() for x in settings.split(",") if x.strip())
         res = run_rollout_bench(student, batch, prompt_len, response_len or 128, device, repeats=steps,
                                 threads=threads, n=n, settings=names, log=say)
         console.print(rollout_table(res, student, batch, n))

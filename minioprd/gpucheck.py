@@ -416,7 +416,7 @@ def phase_bench_rollout(ctx: Context) -> tuple[dict[str, Any], Failed]:
     out.unlink(missing_ok=True)
     args = ["bench", "rollout", "--student", sh.student, "--device", ctx.device, "--batch", str(sh.rollout_batch),
             "--prompt-len", str(sh.prompt_len), "--response-len", str(sh.rollout_new_tokens), "--threads",
-            "0" if ctx.cuda else "1", "--settings", GPU_ROLLOUT_SETTINGS if ctx.cuda else "plain,shared,merged,static",
+            "0" if ctx.cuda else "1", "--settings", GPU_ROLLOUT_SETTINGS if ctx.cuda else "plain,shared,packed,static",
             *ctx.rollout_args]
     p = subprocess.run([sys.executable, "-m", "minioprd.cli", *args, "-o", str(out)], capture_output=True,
                        text=True, cwd=REPO)

@@ -7,6 +7,8 @@ Speed-ups (each leaves the sampled tokens what they were, up to float rounding; 
   a decode step has the same shapes at every step of every call: what `compile` needs to compile it once.
 - `compile`: `torch.compile` of the decode step (transformers' generate compiles it when the cache is static).
   Where a model or its quantization cannot do either, the rollout falls back to the dynamic cache with one note.
+- `pack_weights` (CPU): every linear layer computes from a oneDNN-packed copy of its weight with the adapter folded
+  in (`minioprd.packed`), instead of MKL re-packing the weight on every call of a few-row decode step.
 - the batch stops when every row has hit EOS (HF generate's stopping criteria).
 LoRA merging for the rollout (`rollout.merge_lora`) is done by the caller around this function.
 """
@@ -14,12 +16,14 @@ LoRA merging for the rollout (`rollout.merge_lora`) is done by the caller around
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from minioprd.config import CACHE_BUCKET
+from minioprd.packed import packed_linears
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +122,34 @@ def rollout_options(rc: Any, device: torch.device | str) -> dict[str, Any]:
     """rollout()'s speed-up arguments from the config's rollout section: `auto` is the static cache and a compiled
     decode step on a GPU, the dynamic cache uncompiled on a CPU (where a real model's decode step is bound by
     streaming its weights, the static cache measured no gain in `minioprd bench rollout`, and compiling takes
-    minutes)."""
+    minutes), with packed weights where the model is too big for a cache (decided by rollout() on the model)."""
     gpu = torch.device(device).type != "cpu"
     compile = gpu if rc.compile == "auto" else rc.compile in (True, "true")
+    pack = "auto" if rc.pack_weights == "auto" else rc.pack_weights in (True, "true")
     return {"cache": ("static" if gpu else "dynamic") if rc.cache == "auto" else rc.cache, "compile": compile,
-            "share_prefill": rc.share_prefill}
+            "share_prefill": rc.share_prefill, "pack_weights": pack}
+
+
+def usable_packing(model: torch.nn.Module, pack_weights: bool | str, compile: bool) -> bool:
+    """Whether this rollout packs the weights (`minioprd.packed`): asked for (or `auto` and the weights are too big
+    for a cache), on a CPU, not compiled (the compiled decode step keeps the weights it traced), ops present."""
+    from minioprd import packed
+
+    if pack_weights is False or pack_weights == "false" or "pack" in _base(model).__dict__.get(
+            "_minioprd_rollout_notes", {}):  # off, or it failed on this model before
+        return False
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if pack_weights == "auto":
+        return on_cpu and not compile and packed.pays(model)
+    if not on_cpu:
+        _note(model, "pack-gpu", "rollout.pack_weights is for a CPU (oneDNN); decoding with the usual kernels")
+    elif compile:
+        _note(model, "pack-compile", "rollout.pack_weights is not combined with rollout.compile; decoding compiled")
+    elif not packed.available():
+        _note(model, "pack", "this torch build has no oneDNN packed-linear ops; decoding with the usual kernels")
+    else:
+        return True
+    return False
 
 
 def _compile_config(device: torch.device) -> Any:
@@ -202,7 +229,8 @@ class RowStreams:
 @torch.no_grad()
 def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int = 1, temperature: float = 1.0,
             top_p: float = 1.0, max_new_tokens: int = 256, cache: str = "dynamic", compile: bool = False,
-            share_prefill: bool = True, seeds: list[int] | None = None) -> Rollout:
+            share_prefill: bool = True, seeds: list[int] | None = None,
+            pack_weights: bool | str = False) -> Rollout:
     """Sample `n` responses per prompt (rows are prompt-major: p0 r0, p0 r1, p1 r0, ...).
 
     `seeds` (one per row) gives every row its own random stream (`RowStreams`); without them rows draw from
@@ -218,6 +246,7 @@ def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int 
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     cache, compile = usable_speedups(model, cache, compile)
+    pack = usable_packing(model, pack_weights, compile)
     rng = torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
     if seeds is not None and temperature > 0 and len(seeds) != rows_ids.shape[0]:
@@ -236,20 +265,29 @@ def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int 
                               use_cache=True, cache=past, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                               **sampling, **extra)
 
+    def attempt(kind: str, compiled: bool, packing: bool) -> torch.Tensor:
+        with packed_linears(model, rows_ids.shape[0]) if packing else nullcontext():
+            return generate(kind, compiled)
+
     try:
         try:
-            out = generate(cache, compile)
+            out = attempt(cache, compile, pack)
         except Exception as e:  # noqa: BLE001 - any failure of the optional path falls back to the plain one
-            if cache == "dynamic":
+            if cache == "dynamic" and not pack:
                 raise
-            what = "compile" if compile else "static"
-            _note(model, what, f"{'compiling the decode step' if compile else 'the static KV cache'} failed "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                               f"using {'the static cache uncompiled' if compile else 'the dynamic cache'}")
+            why = f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            if pack:  # packing is never combined with compile: only the weights' kernels go back
+                _note(model, "pack", f"decoding from packed weights failed {why}; using the usual kernels")
+                fallback = (cache, compile, False)
+            else:
+                what = "compile" if compile else "static"
+                _note(model, what, f"{'compiling the decode step' if compile else 'the static KV cache'} failed "
+                                   f"{why}; using {'the static cache uncompiled' if compile else 'the dynamic cache'}")
+                fallback = ("static", False, False) if compile else ("dynamic", False, False)
             torch.random.set_rng_state(rng[0])  # the fallback samples what the failed try would have
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], device)
-            out = generate(*(("static", False) if compile else ("dynamic", False)))
+            out = attempt(*fallback)
     finally:
         model.train(was_training)
     responses = out[:, P:]

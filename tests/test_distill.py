@@ -200,17 +200,19 @@ def test_merge_lora_for_rollouts_unmerges_after(tmp_path):
 
 
 def test_rollout_speedups_leave_the_run_unchanged(tmp_path):
-    """rollout.cache / rollout.share_prefill reach the rollout and change nothing the run computes: the same
-    seed samples the same responses, so the losses and response lengths match step for step."""
+    """rollout.cache / rollout.share_prefill / rollout.pack_weights reach the rollout and change nothing the run
+    computes: the same seed samples the same responses, so the losses and response lengths match step for step."""
     rows = {}
-    for name, over in {"plain": ["rollout.cache=dynamic", "rollout.share_prefill=false"],
-                       "fast": ["rollout.cache=static", "rollout.share_prefill=true", "rollout.compile=false"]}.items():
+    for name, over in {"plain": ["rollout.cache=dynamic", "rollout.share_prefill=false", "rollout.pack_weights=false"],
+                       "fast": ["rollout.cache=static", "rollout.share_prefill=true", "rollout.compile=false"],
+                       "packed": ["rollout.pack_weights=true"]}.items():
         out = tmp_path / name
         r = runner.invoke(app, ["distill", "-r", RECIPE, "-o", str(out), "--steps", "2", *over])
         assert r.exit_code == 0, r.output
         rows[name] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "response_len", "distinct"):
-        assert [x[key] for x in rows["fast"]] == pytest.approx([x[key] for x in rows["plain"]], rel=1e-5)
+        for fast in ("fast", "packed"):
+            assert [x[key] for x in rows[fast]] == pytest.approx([x[key] for x in rows["plain"]], rel=1e-5)
 
 
 def test_report_to_tensorboard_gets_the_same_numbers(tmp_path):

@@ -116,7 +116,7 @@ def test_cpu_mode_bench_and_merge_rows_carry_their_figures(cpu_check):
     assert u["work_ratio"] > 1  # top-k OPD adds the LM head's work: counted, not timed
     r = by["bench_rollout"]
     assert r["vs_bare/bare_generate"] == 1.0 and r["tokens_per_s/plain"] > 0
-    assert {"vs_bare/plain", "vs_bare/shared", "vs_bare/merged", "vs_bare/static"} <= set(r)
+    assert {"vs_bare/plain", "vs_bare/shared", "vs_bare/packed", "vs_bare/static"} <= set(r)
     assert r["same_tokens/static"] == 1.0 and r["fraction_of_bound/plain"] > 0
     m = by["merge_qlora"]
     if doc["bitsandbytes"]:

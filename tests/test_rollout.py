@@ -256,12 +256,15 @@ def test_rollout_options_auto_means_static_compiled_on_gpu_only():
     from minioprd.rollout import rollout_options
 
     rc = RolloutConfig()
-    assert rollout_options(rc, "cpu") == {"cache": "dynamic", "compile": False, "share_prefill": True}
-    assert rollout_options(rc, "cuda:0") == {"cache": "static", "compile": True, "share_prefill": True}
-    rc.cache, rc.compile, rc.share_prefill = "static", "true", False
-    assert rollout_options(rc, "cpu") == {"cache": "static", "compile": True, "share_prefill": False}
-    rc.compile = "false"
-    assert rollout_options(rc, "cuda") == {"cache": "static", "compile": False, "share_prefill": False}
+    auto = {"share_prefill": True, "pack_weights": "auto"}  # packing decided by rollout() on the model's size
+    assert rollout_options(rc, "cpu") == {"cache": "dynamic", "compile": False, **auto}
+    assert rollout_options(rc, "cuda:0") == {"cache": "static", "compile": True, **auto}
+    rc.cache, rc.compile, rc.share_prefill, rc.pack_weights = "static", "true", False, "false"
+    assert rollout_options(rc, "cpu") == {"cache": "static", "compile": True, "share_prefill": False,
+                                          "pack_weights": False}
+    rc.compile, rc.pack_weights = "false", "true"
+    assert rollout_options(rc, "cuda") == {"cache": "static", "compile": False, "share_prefill": False,
+                                           "pack_weights": True}
 
 
 def test_compile_skipped_with_one_note_for_weights_that_cannot_compile(tiny_dirs, tiny_tokenizer, monkeypatch):
