@@ -1,13 +1,17 @@
-"""PromptSampler's length-grouped epochs: coverage, determinism, less padding, exact resume, off = today's order."""
+"""rollout.sort_by_length: PromptSampler's length-grouped epochs (coverage, determinism, less padding, exact
+resume, off = today's order) and its wiring into the config, the checkpoint's run identity and distill."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 
 import pytest
 
+from minioprd.checkpoint import RUN_KEYS
+from minioprd.config import Config, load_config
 from minioprd.data import LENGTH_GROUP_FACTOR, PromptSampler
 from minioprd.errors import MinioprdError
 
@@ -123,3 +127,41 @@ def test_bad_lengths_are_one_line_errors():
     with pytest.raises(MinioprdError, match="group >= 1"):
         PromptSampler(4, lengths=[1, 2, 3, 4])
 
+
+def test_config_field_is_off_documented_and_part_of_the_run():
+    cfg = Config()
+    assert cfg.rollout.sort_by_length is False
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(cfg.rollout)}["sort_by_length"]
+    assert f"{LENGTH_GROUP_FACTOR} x prompts_per_step" in help_text
+    assert load_config(None, {"rollout.sort_by_length": "true"}).rollout.sort_by_length is True
+    assert "rollout.sort_by_length" in RUN_KEYS  # checkpoints from before it lack the key and still resume
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_distill_builds_the_sampler_from_the_setting(on: bool):
+    import torch
+
+    from minioprd.distill import Optimization
+    from minioprd.parallel import Parallel
+
+    cfg = load_config(None, {"rollout.sort_by_length": str(on).lower(), "rollout.prompts_per_step": "3"})
+    prompts = [[1] * n for n in skewed_lengths(40)]  # token id lists, as distill.prepare leaves them
+    setup = type("Setup", (), {"cfg": cfg, "student": torch.nn.Linear(2, 2), "projections": torch.nn.ModuleList(),
+                               "prompts": prompts, "parallel": Parallel()})()
+    sampler = Optimization.for_run(setup).sampler
+    assert sampler.state_dict()["group"] == (3 if on else 0)
+    assert sampler.lengths == ([len(p) for p in prompts] if on else None)
+
+
+def test_resume_checks_the_setting_and_accepts_checkpoints_from_before_it(tmp_path):
+    from minioprd.checkpoint import check_same_run, run_identity
+
+    off, on = load_config(None), load_config(None, {"rollout.sort_by_length": "true"})
+    run = run_identity(off)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "run": run}))
+    with pytest.raises(MinioprdError, match="rollout.sort_by_length False there, True here"):
+        check_same_run(tmp_path, on)
+    check_same_run(tmp_path, off)
+    del run["rollout.sort_by_length"]  # a v0.1 checkpoint: written before the setting existed
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "run": run}))
+    check_same_run(tmp_path, off)
