@@ -539,9 +539,11 @@ def tokenize_prompts(tokenizer: Any, texts: list[str], max_prompt_tokens: int,
 
 
 # Length grouping pools this many steps' prompts, sorts the pool by length and cuts it into steps (HF Trainer's
-# group_by_length uses 50). A pool of 50 random prompts per step slot puts prompts of nearly the same length
-# together (within a few percent of a whole-epoch sort's padding on real prompt sets) while a step's members
-# still come from a random 50-step stretch of the epoch, not from one fixed length band.
+# group_by_length uses 50). Measured on MATH-train with the Qwen3 tokenizer, 4 prompts per step, one epoch:
+# left padding is 42% of the padded prompt tokens unsorted, 13% at 10, 3.5% at 50, 0.9% at 200, 0.06% for one
+# sort of the whole epoch. Past 50 the saving is a few points of prompt tokens, while a step's companions come
+# from an ever larger pool, i.e. are picked ever more by length alone (one epoch-wide sort would pair the same
+# prompts in every epoch, up to ties).
 LENGTH_GROUP_FACTOR = 50
 
 
