@@ -208,7 +208,7 @@ def resume_run(path: Path, out: Path, s: Setup, optimizer: torch.optim.Optimizer
 
 # What makes two checkpoints parts of one run: the models, the prompts and their order, the global batch.
 RUN_KEYS = ("model.teacher", "model.student", "data.dataset", "data.shuffle", "train.seed",
-            "rollout.prompts_per_step", "rollout.n")
+            "rollout.prompts_per_step", "rollout.n", "rollout.sort_by_length")
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:

@@ -118,6 +118,13 @@ class RolloutConfig:
                            choices=("auto", "true", "false"))
     share_prefill: bool = _f(True, "The n responses of a prompt share one prefill of it (its KV cache is repeated "
                              "after the prefill); same tokens as n separate prefills.")
+    sort_by_length: bool = _f(False, "Put prompts of similar token length into the same step (like HF Trainer's "
+                              "group_by_length), so the rollout left-pads less: each epoch's seeded order is cut into "
+                              "pools of 50 x prompts_per_step prompts, each pool sorted by length and cut into steps, "
+                              "the steps shuffled; within a step the longest come first, so the per-process shares "
+                              "are alike too. Every prompt is still used once per epoch, but it changes which "
+                              "prompts train together (a step's prompts are no longer independent draws), so it is "
+                              "off; a checkpoint resumes only with the setting it was written with.")
 
 
 @dataclass

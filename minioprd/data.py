@@ -538,19 +538,44 @@ def tokenize_prompts(tokenizer: Any, texts: list[str], max_prompt_tokens: int,
 # --------------------------------------------------------------------------------------------- sampling
 
 
+# Length grouping pools this many steps' prompts, sorts the pool by length and cuts it into steps (HF Trainer's
+# group_by_length uses 50). Measured on MATH-train with the Qwen3 tokenizer, 4 prompts per step, one epoch:
+# left padding is 42% of the padded prompt tokens unsorted, 13% at 10, 3.5% at 50, 0.9% at 200, 0.06% for one
+# sort of the whole epoch. Past 50 the saving is a few points of prompt tokens, while a step's companions come
+# from an ever larger pool, i.e. are picked ever more by length alone (one epoch-wide sort would pair the same
+# prompts in every epoch, up to ties).
+LENGTH_GROUP_FACTOR = 50
+
+
 class PromptSampler:
-    """Endless, seeded, epoch-shuffled stream of prompt indices; its state (epoch, position, seed) is a small
-    dict for exact resume.
+    """Endless, seeded, epoch-shuffled stream of prompt indices; its state (epoch, position, seed, grouping) is a
+    small dict for exact resume.
 
     Each epoch is a fresh permutation of range(n) seeded by (seed, epoch), so every prompt is used once per
     epoch and a resumed run draws exactly the batches the uninterrupted run would have. Batches may span
     epochs. With shuffle=False the order is 0, 1, ..., n-1, 0, 1, ...
+
+    With `lengths` (each prompt's token count) and `group` (prompts per step: the `k` every `next_batch` draws),
+    each epoch's permutation is length-grouped: cut into pools of LENGTH_GROUP_FACTOR * group prompts, each pool
+    sorted longest first and cut into steps of `group`, and the epoch's full steps put in a seeded random order
+    (kept in pool order when shuffle=False). Every prompt is still used once per epoch; the prompts of a step
+    have similar lengths, so the rollout's left padding is small, and come longest first, so the contiguous
+    per-process shares of a step have similar lengths too. When n is not a multiple of `group`, the one step per
+    epoch that crosses into the next epoch is two sorted runs (the end of one epoch, the start of the next).
+    `group` is ignored without `lengths`.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, lengths: list[int] | None = None,
+                 group: int = 0):
         if n < 1:
             raise MinioprdError("no prompts to sample from; check the data set and data.max_prompt_tokens")
+        if lengths is not None and len(lengths) != n:
+            raise MinioprdError(f"length grouping needs one length per prompt: got {len(lengths)} for {n} prompts")
+        if lengths is not None and group < 1:
+            raise MinioprdError(f"length grouping needs the prompts per step (group >= 1), got {group}")
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group = group if lengths is not None else 0  # 0 = no length grouping
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -559,7 +584,29 @@ class PromptSampler:
         if self.shuffle:
             # A string seed is hashed with SHA-512 by `random`: stable across runs and PYTHONHASHSEED.
             random.Random(f"minioprd-prompts:{self.seed}:{epoch}").shuffle(order)
-        return order
+        return self._grouped(order, epoch) if self.group else order
+
+    def _grouped(self, order: list[int], epoch: int) -> list[int]:
+        """`order` length-grouped into steps of `group` (see the class docstring); the same prompts."""
+        g, lengths = self.group, self.lengths
+        assert lengths is not None
+        # Steps draw `group` prompts each, so epoch e starts e*n prompts into the stream: the step crossing into
+        # it takes its first `head` prompts. Cutting the rest from there keeps every later step one sorted group.
+        head = min(-epoch * self.n % g, self.n)
+        pool_size = LENGTH_GROUP_FACTOR * g
+        steps: list[list[int]] = []
+        for start in range(head, self.n, pool_size):
+            # Stable sort: equal lengths keep the seeded order, so the result depends on (seed, epoch) only.
+            pool = sorted(order[start:start + pool_size], key=lambda i: -lengths[i])
+            steps.extend(pool[j:j + g] for j in range(0, len(pool), g))
+        # Only the epoch's last pool can end in a partial step; it stays last, where the step crossing into the
+        # next epoch takes it. The full steps are shuffled so step length does not trend within each pool (a
+        # long-to-short sawtooth every LENGTH_GROUP_FACTOR steps would line up with the schedule).
+        tail = steps.pop() if steps and len(steps[-1]) < g else []
+        if self.shuffle:
+            random.Random(f"minioprd-length-groups:{self.seed}:{epoch}").shuffle(steps)
+        first = sorted(order[:head], key=lambda i: -lengths[i])
+        return first + [i for step in steps for i in step] + tail
 
     def next_batch(self, k: int) -> list[int]:
         """The next `k` prompt indices (k may exceed n: the batch then spans epochs)."""
@@ -576,17 +623,24 @@ class PromptSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: JSON-serialisable, a few integers."""
+        """Everything needed to resume: JSON-serialisable, a few integers (the lengths come from the data)."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n": self.n,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "group": self.group}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Continue from a `state_dict()`; the prompt set must be the one it was saved with."""
+        """Continue from a `state_dict()`; the prompt set and length grouping must be the ones it was saved with."""
         n = int(d.get("n", self.n))
         if n != self.n:
             raise MinioprdError(f"the checkpoint's prompt order is for {n} prompts but the data set now has "
                                 f"{self.n}; resume with the same data settings (data.dataset, data.max_prompts, "
                                 f"data.max_prompt_tokens)")
+        group = int(d.get("group", 0))  # absent: saved before length grouping existed, so it was off
+        if group != self.group:
+            def says(g: int) -> str:
+                return f"on, {g} prompts per step" if g else "off"
+            raise MinioprdError(f"the checkpoint's prompt order was drawn with length grouping {says(group)} but "
+                                f"this run has it {says(self.group)}; resume with the same rollout.sort_by_length "
+                                f"and rollout.prompts_per_step")
         self.seed = int(d["seed"])
         self.shuffle = bool(d.get("shuffle", self.shuffle))
         self.epoch, self.position = int(d["epoch"]), int(d["position"])

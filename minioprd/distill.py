@@ -108,7 +108,9 @@ class Optimization:
                            "lr": cfg.train.projection_lr or cfg.train.lr})
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         return cls(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
-                   PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+                   PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                                 lengths=[len(p) for p in s.prompts] if cfg.rollout.sort_by_length else None,
+                                 group=cfg.rollout.prompts_per_step),
                    params + list(s.projections.parameters()), s.parallel)
 
     def step(self, state: RunState, loss: float, grad_clip: float) -> tuple[float, float]:

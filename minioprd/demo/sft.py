@@ -114,7 +114,9 @@ def sft_on_teacher(cfg: Any, setup: Any, evaluator: Callable[[Any, int], dict[st
     params = [p for p in s.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    sampler = PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    sampler = PromptSampler(len(s.prompts), seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                            lengths=[len(p) for p in s.prompts] if cfg.rollout.sort_by_length else None,
+                            group=cfg.rollout.prompts_per_step)
     pad = s.tokenizer.pad_token_id
 
     def run_eval(step: int) -> dict[str, float]:
