@@ -9,7 +9,9 @@ Speed-ups (each leaves the sampled tokens what they were, up to float rounding; 
   Where a model or its quantization cannot do either, the rollout falls back to the dynamic cache with one note.
 - `pack_weights` (CPU): every linear layer computes from a oneDNN-packed copy of its weight with the adapter folded
   in (`minioprd.packed`), instead of MKL re-packing the weight on every call of a few-row decode step.
-- the batch stops when every row has hit EOS (HF generate's stopping criteria).
+- the batch stops when every row has hit EOS (HF generate's stopping criteria), and with the dynamic cache rows
+  that have hit EOS leave the batch every `SEGMENT` tokens (`drop_finished`; greedy or per-row seeded sampling
+  only, where it leaves every row's tokens as they were).
 LoRA merging for the rollout (`rollout.merge_lora`) is done by the caller around this function.
 """
 
@@ -28,6 +30,7 @@ from minioprd.packed import packed_linears
 logger = logging.getLogger(__name__)
 
 CACHES = ("dynamic", "static")
+SEGMENT = 32  # new tokens per generate call when finished rows leave the batch (dynamic cache)
 COMPILE_BACKEND: Any = "inductor"  # torch.compile backend of the decode step (tests count compilations with their own)
 
 
@@ -225,12 +228,56 @@ class RowStreams:
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
         return scores.float() + gumbel
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these rows (bool or indices, in the current batch's order) go on; each keeps its own stream."""
+        idx = rows.nonzero().flatten() if rows.dtype == torch.bool else rows
+        self.generators = [self.generators[int(i)] for i in idx]
+
+
+def _generate_dropping_finished(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, cache: Any,
+                                max_new_tokens: int, eos: list[int], pad: int, streams: RowStreams | None,
+                                **kwargs: Any) -> torch.Tensor:
+    """HF generate in segments of `SEGMENT` tokens over one DynamicCache: between segments the rows that have hit
+    EOS leave the batch (their cache rows, their sampling streams), so the rest decode at a smaller batch.
+
+    Generate resumes from a cache holding every token but the last it sampled (it feeds only the uncached tail),
+    so each row sees the same inputs and positions as in one call; with greedy decoding or a stream per row its
+    tokens are the same. Returns what one generate call would: (B, P + width), pad after each row's EOS, width the
+    step at which the last row stopped (or max_new_tokens).
+    """
+    from transformers import DynamicCache
+
+    B, prompt = ids.shape[0], ids
+    cache = cache if cache is not None else DynamicCache(config=_base(model).config)
+    out = torch.full((B, max_new_tokens), pad, dtype=ids.dtype, device=ids.device)  # (B, R) responses
+    alive = torch.arange(B, device=ids.device)  # the batch's rows, by their place in `out`
+    done = 0
+    while done < max_new_tokens:
+        step = min(SEGMENT, max_new_tokens - done)
+        seq = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=step, use_cache=True, cache=cache,
+                             eos_token_id=eos, pad_token_id=pad, **kwargs)
+        new = seq[:, ids.shape[1]:]  # (b, <= step): shorter when every row stopped
+        out[alive, done:done + new.shape[1]] = new
+        done += new.shape[1]
+        going = ~torch.isin(new, torch.tensor(eos, device=new.device)).any(1)  # (b,) no EOS yet
+        if new.shape[1] < step or not going.any():
+            break
+        attn = torch.cat([attn, torch.ones_like(new)], 1)
+        if not going.all():
+            keep = going.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            if streams is not None:
+                streams.keep(keep)
+            seq, attn, alive = seq[keep], attn[keep], alive[keep]
+        ids = seq
+    return torch.cat([prompt, out[:, :done]], 1)
+
 
 @torch.no_grad()
 def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int = 1, temperature: float = 1.0,
             top_p: float = 1.0, max_new_tokens: int = 256, cache: str = "dynamic", compile: bool = False,
             share_prefill: bool = True, seeds: list[int] | None = None,
-            pack_weights: bool | str = False) -> Rollout:
+            pack_weights: bool | str = False, drop_finished: bool = True) -> Rollout:
     """Sample `n` responses per prompt (rows are prompt-major: p0 r0, p0 r1, p1 r0, ...).
 
     `seeds` (one per row) gives every row its own random stream (`RowStreams`); without them rows draw from
@@ -253,10 +300,16 @@ def rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], n: int 
         raise ValueError(f"{len(seeds)} seeds for {rows_ids.shape[0]} rows")
 
     def generate(kind: str, compiled: bool) -> torch.Tensor:
+        streams = None
         if seeds is not None and temperature > 0:  # fresh streams: a fallback samples what the failed try would have
-            sampling.update(do_sample=False, temperature=None, top_p=None, top_k=None,
-                            logits_processor=[RowStreams(seeds, temperature, top_p, device)])
+            streams = RowStreams(seeds, temperature, top_p, device)
+            sampling.update(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=[streams])
         past = _shared_prefill(model, ids, attn, n) if share_prefill and n > 1 and P > 1 else None
+        # a static cache has one shape for every step; with global-RNG sampling a smaller batch would draw other
+        # numbers, so rows leave only where every row's tokens stay what they were
+        if kind == "dynamic" and drop_finished and (temperature <= 0 or streams is not None):
+            return _generate_dropping_finished(model, rows_ids, rows_attn, past, max_new_tokens, eos,
+                                               tokenizer.pad_token_id, streams, **sampling)
         extra: dict[str, Any] = {}
         if kind == "static":
             past = _static_cache(model, past, rows_ids.shape[0], P + max_new_tokens)

@@ -287,3 +287,47 @@ def test_compile_skipped_with_one_note_for_weights_that_cannot_compile(tiny_dirs
                       compile=True), ref)
     assert R.rollout_notes(model) == ["Bnb4BitHfQuantizer weights cannot be compiled; decoding uncompiled"]
     assert model._minioprd_cache_len == 128  # the static cache itself still ran
+
+
+def _eos_prone(tiny_dirs, tokenizer, bias: float):
+    """The tiny student with a bias towards EOS, so sampled rows end at scattered lengths."""
+    model = _load(tiny_dirs)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.get_input_embeddings().weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = bias
+    model.lm_head = head
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def test_finished_rows_leave_the_batch_and_tokens_stay(tiny_dirs, tiny_tokenizer, monkeypatch):
+    """With the dynamic cache, rows that hit EOS leave the batch between segments: later forwards see fewer rows,
+    yet every row's tokens, masks and positions equal one generate call's (per-row streams; greedy too)."""
+    import minioprd.rollout as R
+
+    monkeypatch.setattr(R, "SEGMENT", 6)
+    model = _eos_prone(tiny_dirs, tiny_tokenizer, bias=4.0)
+    rows_seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    prompts = _prompts(tiny_tokenizer)
+    seeds = list(range(40, 48))
+    for temperature in (1.0, 0.0):
+        runs = {}
+        for drop in (False, True):
+            rows_seen.clear()
+            runs[drop] = rollout(model, tiny_tokenizer, prompts, n=2, temperature=temperature, max_new_tokens=30,
+                                 seeds=seeds, drop_finished=drop)
+            runs[drop, "rows"] = rows_seen[1:]  # the forwards after the shared prefill (4 prompts)
+        _same(runs[True], runs[False])
+        lengths = runs[False].lengths.tolist()
+        if temperature > 0:  # the case that matters: rows end at scattered lengths, some past the first segment
+            assert min(lengths) < 6 < max(lengths), lengths
+            assert set(runs[False, "rows"]) == {8}  # one call: every decode forward has all 8 rows
+            assert runs[True, "rows"][0] == 8 > runs[True, "rows"][-1]  # dropping: later forwards have fewer
+            assert sum(runs[True, "rows"]) < sum(runs[False, "rows"])
+    torch.manual_seed(1)  # and without per-row streams the batch is never cut (global draws would change)
+    rows_seen.clear()
+    rollout(model, tiny_tokenizer, prompts, n=2, temperature=1.0, max_new_tokens=30)
+    assert set(rows_seen[1:]) == {8}
