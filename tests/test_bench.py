@@ -60,12 +60,13 @@ def test_micro_batched_update_does_the_same_work():
 def test_bench_rollout_json_and_bad_input(tmp_path):
     out = tmp_path / "r.json"
     r = CliRunner().invoke(app, ["bench", "rollout", "--student", "tiny", "--batch", "2", "--n", "2", "--prompt-len",
-                                 "4", "--response-len", "6", "--threads", "1", "--settings", "plain,shared,static",
-                                 "-o", str(out)])
+                                 "4", "--response-len", "6", "--threads", "1", "--settings",
+                                 "plain,shared,packed,static", "-o", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert res["bench"] == "rollout" and (res["prompts"], res["n"], res["rows"]) == (2, 2, 4)
-    assert [row["setting"] for row in res["rows_by_setting"]] == ["bare_generate", "plain", "shared", "static"]
+    assert [row["setting"] for row in res["rows_by_setting"]] == ["bare_generate", "plain", "shared", "packed",
+                                                                  "static"]
     # the bound: every weight (tied embedding once) and the KV cache at the mean context, over the bandwidth
     from minioprd.bench import build_config
 
