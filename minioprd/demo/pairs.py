@@ -99,6 +99,20 @@ def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) ->
     atomic_write_json(path / "demo.json", meta)
 
 
+def _built_with() -> dict[str, str]:
+    """Library versions and CPU kernels the pairs were trained with: the student's stopping step can move with
+    either (two builds with the same versions on other CPUs stopped at steps 300 and 400), so a report can say."""
+    import platform
+
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "cpu": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def build_pairs(target: Path, recipe: PairRecipe | None = None, log: Callable[[str], None] = _say,
                 tick: Callable[[str, int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train the three models into `target` (student/, teacher/, wide-teacher/, pairs.json); see the module
@@ -115,7 +129,8 @@ def build_pairs(target: Path, recipe: PairRecipe | None = None, log: Callable[[s
                              [arithmetic_solution(e) for e in splits["train"]])
     val = TestSet(tok, splits["val"])
     target.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"version": PAIR_VERSION, "recipe": asdict(r), "archs": ARCHS, "key": r.key()}
+    meta: dict[str, Any] = {"version": PAIR_VERSION, "recipe": asdict(r), "archs": ARCHS, "key": r.key(),
+                            "built_with": _built_with()}
     tick = tick or (lambda *a: None)
 
     # 1. shared origin: train until the validation accuracy first reaches student_acc -> the student
