@@ -156,8 +156,10 @@ def _generate(model: Any, tokenizer: Any, task: EvalTask, jobs: Sequence[tuple[i
     for lo in range(0, len(order), batch_size):
         chunk = order[lo:lo + batch_size]
         torch.manual_seed(seed * 1_000_003 + task.problems[chunk[0][0]] * 1009 + chunk[0][1])
+        # pack_weights=auto: a CPU model too big for a cache decodes from packed weights (distill's rollouts do
+        # too); models under the threshold and every GPU keep the usual kernels
         ro = rollout(model, tokenizer, [task.prompts[p] for p, _ in chunk], n=1, temperature=temperature,
-                     top_p=top_p, max_new_tokens=max_new_tokens)
+                     top_p=top_p, max_new_tokens=max_new_tokens, pack_weights="auto")
         records = []
         for (p, s), row, mask in zip(chunk, ro.responses.cpu(), ro.response_mask.cpu()):
             toks = row[mask].tolist()

@@ -35,7 +35,8 @@ class FakeRollout:
     def __init__(self, respond: Callable[[str], str]):
         self.respond, self.calls, self.rows = respond, 0, 0
 
-    def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256):
+    def __call__(self, model, tokenizer, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256,
+                 pack_weights=False):
         self.calls += 1
         rows = [p for p in prompts for _ in range(n)]
         self.rows += len(rows)

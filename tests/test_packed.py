@@ -156,3 +156,37 @@ def test_quantized_or_other_dtype_layers_are_left_alone(tiny_dirs):
     assert packed.linear_bytes(model) == 0
     with packed_linears(model, rows=2) as n:
         assert n == 0
+
+
+def test_eval_decodes_from_packed_weights_where_auto_packs(tiny_dirs, tiny_tokenizer, monkeypatch):
+    """`evaluate_task` (minioprd eval and the in-loop evaluation) packs where `auto` would: not the tiny model at
+    the real threshold; with the threshold under its size every batch's rollout packs, and the graded samples
+    (greedy and sampled) are the same as with the usual kernels."""
+    from minioprd.data import load_examples
+    from minioprd.evaluate import evaluate_task
+
+    model = _lora_model(tiny_dirs)
+    examples = load_examples("builtin:arithmetic", split="test")[:5]
+    entered = []
+    real = packed_linears
+
+    def counting(m, rows):
+        entered.append(rows)
+        return real(m, rows)
+
+    monkeypatch.setattr("minioprd.rollout.packed_linears", counting)
+    kw = dict(max_new_tokens=8, batch_size=2, return_samples=True)
+    runs = {}
+    for greedy in (True, False):
+        k = 1 if greedy else 2  # greedy samples of a problem would all be equal
+        runs[greedy, "usual"] = evaluate_task(model, tiny_tokenizer, examples, greedy=greedy, k=k, **kw)
+    assert entered == []
+    monkeypatch.setattr(packed, "PACK_MIN_BYTES", packed.linear_bytes(model))
+    for greedy in (True, False):
+        k = 1 if greedy else 2  # greedy samples of a problem would all be equal
+        runs[greedy, "packed"] = evaluate_task(model, tiny_tokenizer, examples, greedy=greedy, k=k, **kw)
+    assert entered == [2, 2, 1] + [2] * 5  # batches of 2 rows: greedy 5 problems x 1, sampled 5 x k=2
+    for greedy in (True, False):
+        a, b = runs[greedy, "usual"]["samples"], runs[greedy, "packed"]["samples"]
+        assert [r["response"] for r in a] == [r["response"] for r in b]
+        assert [r["length"] for r in a] == [r["length"] for r in b] and sum(r["length"] for r in a) > 0
