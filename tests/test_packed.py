@@ -36,6 +36,18 @@ def _lora_linears(model):
     return [m for m in model.modules() if type(m) is Linear]
 
 
+def _count_packing(monkeypatch) -> list[int]:
+    """Record the rows of every `packed_linears` block a rollout enters (one per rollout that packs)."""
+    entered: list[int] = []
+
+    def counting(m, rows):
+        entered.append(rows)
+        return packed_linears(m, rows)
+
+    monkeypatch.setattr("minioprd.rollout.packed_linears", counting)
+    return entered
+
+
 def test_packed_forward_matches_and_restores(tiny_dirs, tiny_tokenizer):
     """Inside the block every LoRA linear (adapter folded in) and the LM head run from packed weights: the logits
     equal the unpacked model's up to float rounding, the adapter really counts (differs from the base), the base
@@ -108,14 +120,7 @@ def test_auto_packs_only_weights_bigger_than_a_cache(tiny_dirs, tiny_tokenizer, 
     model = _lora_model(tiny_dirs)
     size = packed.linear_bytes(model)
     assert 0 < size < packed.PACK_MIN_BYTES
-    entered = []
-    real = packed_linears
-
-    def counting(m, rows):
-        entered.append(rows)
-        return real(m, rows)
-
-    monkeypatch.setattr("minioprd.rollout.packed_linears", counting)
+    entered = _count_packing(monkeypatch)
     prompts = [tiny_tokenizer(t)["input_ids"] for t in _PROMPTS[:2]]
     rollout(model, tiny_tokenizer, prompts, n=2, temperature=0.0, max_new_tokens=3, pack_weights="auto")
     assert entered == []
@@ -167,14 +172,7 @@ def test_eval_decodes_from_packed_weights_where_auto_packs(tiny_dirs, tiny_token
 
     model = _lora_model(tiny_dirs)
     examples = load_examples("builtin:arithmetic", split="test")[:5]
-    entered = []
-    real = packed_linears
-
-    def counting(m, rows):
-        entered.append(rows)
-        return real(m, rows)
-
-    monkeypatch.setattr("minioprd.rollout.packed_linears", counting)
+    entered = _count_packing(monkeypatch)
     kw = dict(max_new_tokens=8, batch_size=2, return_samples=True)
     runs = {}
     for greedy in (True, False):
