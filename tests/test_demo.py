@@ -101,8 +101,6 @@ def test_reduced_pair_has_a_gap_and_is_cached(pairs, splits):
 
     meta = pairs.meta
     assert meta["student"]["steps"] == 30 and meta["teacher"]["steps"] == 120
-    import torch
-
     assert meta["built_with"]["torch"] == torch.__version__  # a report can tell which build made the pairs
     assert meta["built_with"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert meta["teacher"]["val_acc"] >= meta["student"]["val_acc"]

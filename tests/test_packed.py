@@ -174,17 +174,17 @@ def test_eval_decodes_from_packed_weights_where_auto_packs(tiny_dirs, tiny_token
     examples = load_examples("builtin:arithmetic", split="test")[:5]
     entered = _count_packing(monkeypatch)
     kw = dict(max_new_tokens=8, batch_size=2, return_samples=True)
-    runs = {}
-    for greedy in (True, False):
-        k = 1 if greedy else 2  # greedy samples of a problem would all be equal
-        runs[greedy, "usual"] = evaluate_task(model, tiny_tokenizer, examples, greedy=greedy, k=k, **kw)
+
+    def samples() -> dict[bool, list[dict]]:  # greedy (k=1: greedy samples would all be equal) and sampled (k=2)
+        return {g: evaluate_task(model, tiny_tokenizer, examples, greedy=g, k=1 if g else 2, **kw)["samples"]
+                for g in (True, False)}
+
+    usual = samples()
     assert entered == []
     monkeypatch.setattr(packed, "PACK_MIN_BYTES", packed.linear_bytes(model))
-    for greedy in (True, False):
-        k = 1 if greedy else 2  # greedy samples of a problem would all be equal
-        runs[greedy, "packed"] = evaluate_task(model, tiny_tokenizer, examples, greedy=greedy, k=k, **kw)
+    packed_ = samples()
     assert entered == [2, 2, 1] + [2] * 5  # batches of 2 rows: greedy 5 problems x 1, sampled 5 x k=2
     for greedy in (True, False):
-        a, b = runs[greedy, "usual"]["samples"], runs[greedy, "packed"]["samples"]
+        a, b = usual[greedy], packed_[greedy]
         assert [r["response"] for r in a] == [r["response"] for r in b]
         assert [r["length"] for r in a] == [r["length"] for r in b] and sum(r["length"] for r in a) > 0
